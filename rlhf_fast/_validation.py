@@ -1,0 +1,114 @@
+"""Argument checks shared by the public ops.
+
+Every failure names the argument, what was expected and what was received, so a user never has to read a
+kernel to learn why a call was refused. Checks that would need a device sync are limited to the label range.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LABEL_DTYPES = (torch.int64, torch.int32)
+
+
+def check_tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float(name: str, value, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> torch.Tensor:
+    check_tensor(name, value)
+    if value.dtype not in dtypes:
+        raise TypeError(f"{name}: expected dtype in {_names(dtypes)}, got {value.dtype}")
+    return value
+
+
+def check_labels(name: str, labels, vocab_size: int) -> torch.Tensor:
+    check_tensor(name, labels)
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name}: expected dtype in {_names(LABEL_DTYPES)}, got {labels.dtype}")
+    if labels.numel():
+        low, high = int(labels.min()), int(labels.max())  # one sync; it prevents out-of-bounds reads
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"{name}: expected values in [0, {vocab_size - 1}] (the vocabulary), got {bad}")
+    return labels
+
+
+def check_mask(name: str, mask) -> torch.Tensor:
+    check_tensor(name, mask)
+    if mask.dtype.is_complex:
+        raise TypeError(f"{name}: expected a bool, integer or floating 0/1 tensor, got {mask.dtype}")
+    return mask
+
+
+def check_ndim(name: str, value: torch.Tensor, allowed: Iterable[int], what: str) -> None:
+    allowed = tuple(allowed)
+    if value.dim() not in allowed:
+        raise ValueError(f"{name}: expected {what}, got shape {tuple(value.shape)}")
+
+
+def check_min_ndim(name: str, value: torch.Tensor, minimum: int, what: str) -> None:
+    if value.dim() < minimum:
+        raise ValueError(f"{name}: expected {what}, got shape {tuple(value.shape)}")
+
+
+def check_shape(name: str, value: torch.Tensor, shape: Sequence[int], ref_name: str) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"{name}: expected shape {tuple(shape)} (the shape of {ref_name}), got {tuple(value.shape)}"
+        )
+
+
+def check_same_device(named: dict) -> None:
+    tensors = {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
+    devices = {k: v.device for k, v in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"expected all tensors on one device, got {listing}")
+
+
+def check_option(name: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+
+
+def check_number(
+    name: str,
+    value,
+    *,
+    greater_than: Optional[float] = None,
+    at_least: Optional[float] = None,
+    at_most: Optional[float] = None,
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if value != value:
+        raise ValueError(f"{name}: expected a number, got nan")
+    if greater_than is not None and not value > greater_than:
+        raise ValueError(f"{name}: expected a value > {greater_than}, got {value}")
+    if at_least is not None and not value >= at_least:
+        raise ValueError(f"{name}: expected a value >= {at_least}, got {value}")
+    if at_most is not None and not value <= at_most:
+        raise ValueError(f"{name}: expected a value <= {at_most}, got {value}")
+    return value
+
+
+def check_count(name: str, value) -> None:
+    """num_tokens / num_seqs / loss_scale overrides: None, a positive number or a 0-d tensor."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: expected a number or a one-element tensor, got shape {tuple(value.shape)}")
+        return
+    check_number(name, value, greater_than=0)
+
+
+def _names(dtypes) -> str:
+    return "(" + ", ".join(str(d).replace("torch.", "") for d in dtypes) + ")"

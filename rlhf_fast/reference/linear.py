@@ -1,0 +1,111 @@
+"""Reference log-probs straight from hidden states and the LM head, in chunks of tokens.
+
+Neither the forward nor the backward ever holds more than ``TOKEN_CHUNK`` rows of logits: the backward
+recomputes each chunk's logits, the way the fused kernels do.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .losses import policy_loss_terms
+
+TOKEN_CHUNK = 1024
+
+
+def _chunk_logits(hidden, weight, bias, temperature):
+    z = (hidden @ weight.t()).float()
+    if bias is not None:
+        z = z + bias.float()
+    return z / temperature if temperature != 1.0 else z
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, chunk):
+        n = hidden.shape[0]
+        logp = hidden.new_empty(n, dtype=torch.float32)
+        entropy = hidden.new_empty(n, dtype=torch.float32)
+        lse = hidden.new_empty(n, dtype=torch.float32)
+        for s in range(0, n, chunk):
+            z = _chunk_logits(hidden[s : s + chunk], weight, bias, temperature)
+            chunk_lse = torch.logsumexp(z, dim=-1)
+            p = torch.exp(z - chunk_lse.unsqueeze(-1))
+            lse[s : s + chunk] = chunk_lse
+            logp[s : s + chunk] = z.gather(-1, labels[s : s + chunk].long().unsqueeze(-1)).squeeze(-1) - chunk_lse
+            entropy[s : s + chunk] = chunk_lse - (p * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        temperature, chunk = ctx.temperature, ctx.chunk
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32)
+        g_lp = grad_logp if grad_logp is not None else torch.zeros_like(lse)
+        g_h = grad_entropy if grad_entropy is not None else torch.zeros_like(lse)
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s : s + chunk]
+            z = _chunk_logits(h, weight, bias, temperature)
+            log_p = z - lse[s : s + chunk].unsqueeze(-1)
+            p = torch.exp(log_p)
+            # d logp_y / dz = onehot(y) - p ;  dH / dz = -p * (log p + H)
+            gz = -p * (g_lp[s : s + chunk].unsqueeze(-1) + g_h[s : s + chunk].unsqueeze(-1)
+                       * (log_p + entropy[s : s + chunk].unsqueeze(-1)))
+            gz.scatter_add_(-1, labels[s : s + chunk].long().unsqueeze(-1), g_lp[s : s + chunk].unsqueeze(-1))
+            gz = gz / temperature
+            if grad_hidden is not None:
+                grad_hidden[s : s + chunk] = (gz @ weight.float()).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += gz.t() @ h.float()
+            if grad_bias is not None:
+                grad_bias += gz.sum(0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int = TOKEN_CHUNK,
+):
+    """``selective_log_softmax(hidden @ weight.T + bias, labels)`` for ``hidden[N, H]``, chunked over tokens."""
+    logp, entropy = _LinearLogprobs.apply(hidden, weight, bias, labels, float(temperature), int(chunk_size))
+    return (logp, entropy) if return_entropy else logp
+
+
+def fused_linear_ppo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    **loss_kwargs,
+) -> tuple[torch.Tensor, dict]:
+    """The loss of ``fused_ppo_loss(hidden @ weight.T + bias, ...)`` without the ``[N, V]`` logits."""
+    rows, steps = old_logp.shape
+    logp, entropy = linear_logprobs(
+        hidden.reshape(rows * steps, -1), weight, labels.reshape(-1), bias=bias, temperature=temperature,
+        return_entropy=True,
+    )
+    return policy_loss_terms(
+        logp.view(rows, steps), entropy.view(rows, steps), old_logp, advantages, mask, **loss_kwargs
+    )

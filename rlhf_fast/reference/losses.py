@@ -1,0 +1,210 @@
+"""Reference loss aggregation and the clipped PPO policy and value losses.
+
+Per-token tensors here are ``[B, T]``: rows are sequences, the last dimension is time. The public ops bring
+any other layout to this one before calling in.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .kl import token_kl
+from .logprobs import logprobs_and_entropy
+
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+Count = Optional[Union[float, int, torch.Tensor]]
+
+
+def aggregate(
+    losses: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str = "token-mean",
+    *,
+    num_tokens: Count = None,
+    num_seqs: Count = None,
+    loss_scale: Count = None,
+) -> torch.Tensor:
+    """Turn per-token losses ``[B, T]`` into a scalar; a batch with no valid token gives 0."""
+    m = mask.to(torch.float32)
+    masked = losses.float() * m
+    if agg == "token-sum":
+        return masked.sum()
+    if agg == "token-mean":
+        denom = m.sum() if num_tokens is None else _as_float(num_tokens, m)
+        return masked.sum() / _at_least_one(denom)
+    tokens_per_row = m.sum(-1)
+    row_has_tokens = (tokens_per_row > 0).to(torch.float32)
+    row_sums = masked.sum(-1)
+    if agg == "seq-mean-token-mean":
+        row_sums = row_sums / tokens_per_row.clamp(min=1.0)
+    seqs = row_has_tokens.sum() if num_seqs is None else _as_float(num_seqs, m)
+    loss = (row_sums * row_has_tokens).sum() / _at_least_one(seqs)
+    if agg == "seq-mean-token-sum":
+        return loss
+    if agg == "seq-mean-token-sum-norm":
+        scale = float(losses.shape[-1]) if loss_scale is None else _as_float(loss_scale, m)
+        return loss / scale
+    if agg == "seq-mean-token-mean":
+        return loss
+    raise ValueError(f"agg: expected one of {list(AGG_MODES)}, got {agg!r}")
+
+
+def _as_float(value, like: torch.Tensor):
+    if isinstance(value, torch.Tensor):
+        return value.to(device=like.device, dtype=torch.float32).reshape(())
+    return float(value)
+
+
+def _at_least_one(denom):
+    # Only an empty batch counts zero tokens or rows, and its numerator is 0 too: the result is 0, not nan.
+    # Overrides given as numbers were checked to be positive.
+    return denom.clamp(min=1.0) if isinstance(denom, torch.Tensor) else denom
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(torch.float32)
+    return (x.float() * m).sum() / m.sum().clamp(min=1.0)
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
+    agg: str = "token-mean",
+    is_weights: Optional[torch.Tensor] = None,
+    num_tokens: Count = None,
+    num_seqs: Count = None,
+    loss_scale: Count = None,
+) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate ``max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high))``, optional dual clip for A < 0."""
+    clip_high = clip_low if clip_high is None else clip_high
+    adv = advantages.float()
+    if adv.dim() == logp.dim() - 1:  # one advantage per sequence
+        adv = adv.unsqueeze(-1).expand_as(logp)
+    log_ratio = logp.float() - old_logp.float()
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    losses = torch.maximum(unclipped, clipped)
+    dual_capped = None
+    if dual_clip is not None:
+        dual_capped = (adv < 0) & (-adv * dual_clip < losses)
+        losses = torch.where(dual_capped, -adv * dual_clip, losses)
+    if is_weights is not None:
+        losses = losses * is_weights.float()
+    loss = aggregate(losses, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(token_kl(logp.detach(), old_logp, estimator="k3"), mask),
+            "ratio_mean": masked_mean(ratio.detach(), mask),
+        }
+        if dual_capped is not None:
+            stats["dual_clip_frac"] = masked_mean(dual_capped.float(), mask)
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip: Optional[float] = 0.2,
+    agg: str = "token-mean",
+    num_tokens: Count = None,
+    num_seqs: Count = None,
+    loss_scale: Count = None,
+) -> tuple[torch.Tensor, dict]:
+    """``0.5 * max((v - R)^2, (old_v + clamp(v - old_v, -clip, clip) - R)^2)``; ``clip=None`` disables clipping."""
+    v, ret = values.float(), returns.float()
+    unclipped = (v - ret) ** 2
+    if clip is None:
+        losses = 0.5 * unclipped
+        clipped_more = torch.zeros_like(unclipped, dtype=torch.bool)
+    else:
+        old = old_values.float()
+        v_clipped = old + torch.clamp(v - old, -clip, clip)
+        clipped = (v_clipped - ret) ** 2
+        losses = 0.5 * torch.maximum(unclipped, clipped)
+        clipped_more = clipped > unclipped
+    loss = aggregate(losses, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale)
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean(clipped_more.float(), mask),
+            "value_mean": masked_mean(v.detach(), mask),
+        }
+    return loss, stats
+
+
+def fused_ppo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    temperature: float = 1.0,
+    inplace_grad: bool = True,  # noqa: ARG001 - the reference never writes into logits
+    **loss_kwargs,
+) -> tuple[torch.Tensor, dict]:
+    """``logits[B, T, V]`` -> policy loss + ``kl_coef * agg(kl)`` - ``entropy_coef * agg(entropy)``."""
+    rows, steps = old_logp.shape
+    logp, entropy = logprobs_and_entropy(
+        logits.reshape(rows * steps, -1), labels.reshape(-1), temperature=temperature
+    )
+    return policy_loss_terms(
+        logp.view(rows, steps),
+        entropy.view(rows, steps),
+        old_logp,
+        advantages,
+        mask,
+        ref_logp=ref_logp,
+        kl_coef=kl_coef,
+        kl_estimator=kl_estimator,
+        entropy_coef=entropy_coef,
+        **loss_kwargs,
+    )
+
+
+def policy_loss_terms(
+    logp: torch.Tensor,
+    entropy: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    ref_logp: Optional[torch.Tensor] = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    agg: str = "token-mean",
+    num_tokens: Count = None,
+    num_seqs: Count = None,
+    loss_scale: Count = None,
+    **policy_kwargs,
+) -> tuple[torch.Tensor, dict]:
+    """The composition behind both fused losses, from per-token log-probs and entropies ``[B, T]``."""
+    counts = dict(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale)
+    loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, **counts, **policy_kwargs)
+    if ref_logp is not None:
+        kl = token_kl(logp, ref_logp, estimator=kl_estimator)
+        if kl_coef != 0.0:
+            loss = loss + kl_coef * aggregate(kl, mask, **counts)
+        stats["kl"] = masked_mean(kl.detach(), mask)
+    else:
+        stats["kl"] = logp.new_zeros((), dtype=torch.float32)
+    if entropy_coef != 0.0:
+        loss = loss - entropy_coef * aggregate(entropy, mask, **counts)
+    stats["entropy"] = masked_mean(entropy.detach(), mask)
+    return loss, stats

@@ -1,0 +1,45 @@
+"""Shared test setup: interpreter mode on CPU-only machines, the `gpu` marker, per-dtype tolerances."""
+import os
+
+import pytest
+import torch
+
+# Without CUDA the Triton kernels run under the interpreter; triton reads this when kernels are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# (atol, rtol) of a low-precision or fp32 kernel against the float32 reference.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (6e-2, 6e-2),
+}
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tol():
+    def lookup(dtype):
+        return TOLERANCES[dtype]
+
+    return lookup
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Set RLHF_FAST_BACKEND for one test."""
+
+    def use(name):
+        monkeypatch.setenv("RLHF_FAST_BACKEND", name)
+
+    return use
