@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ._precision import upcast
+
 
 @torch.no_grad()
 def gae(
@@ -14,7 +16,7 @@ def gae(
     ``A_t = delta_t + gamma * lam * A_t'`` (both ``t'`` terms 0 at the end of the row), ``R_t = A_t + V_t``.
     Masked positions get 0. Outputs are float32.
     """
-    rewards, values = rewards.float(), values.float()
+    rewards, values = upcast(rewards), upcast(values)
     valid = mask.bool()
     rows, steps = rewards.shape
     advantages = torch.zeros_like(rewards)
@@ -38,7 +40,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     positions the unbiased variance is undefined; it is taken as 0 (so the output is ``(x - mean) / sqrt(eps)``
     = 0 for one position) instead of dividing by zero.
     """
-    x = x.float()
+    x = upcast(x)
     m = mask.to(torch.float32)
     count = m.sum()
     mean = (x * m).sum() / count.clamp(min=1.0)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from ._precision import upcast
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def token_kl(logp: torch.Tensor, ref_logp: torch.Tensor, *, estimator: str = "k3") -> torch.Tensor:
-    r = logp.float() - ref_logp.float()
+    r = upcast(logp) - upcast(ref_logp)
     if estimator == "k1":
         return r
     if estimator == "k2":

@@ -9,15 +9,17 @@ from typing import Optional
 
 import torch
 
+from ._precision import upcast
+
 from .losses import policy_loss_terms
 
 TOKEN_CHUNK = 1024
 
 
 def _chunk_logits(hidden, weight, bias, temperature):
-    z = (hidden @ weight.t()).float()
+    z = upcast(hidden @ weight.t())
     if bias is not None:
-        z = z + bias.float()
+        z = z + upcast(bias)
     return z / temperature if temperature != 1.0 else z
 
 
@@ -25,9 +27,10 @@ class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, chunk):
         n = hidden.shape[0]
-        logp = hidden.new_empty(n, dtype=torch.float32)
-        entropy = hidden.new_empty(n, dtype=torch.float32)
-        lse = hidden.new_empty(n, dtype=torch.float32)
+        acc = upcast(hidden[:0]).dtype  # float32, or float64 for float64 inputs
+        logp = hidden.new_empty(n, dtype=acc)
+        entropy = hidden.new_empty(n, dtype=acc)
+        lse = hidden.new_empty(n, dtype=acc)
         for s in range(0, n, chunk):
             z = _chunk_logits(hidden[s : s + chunk], weight, bias, temperature)
             chunk_lse = torch.logsumexp(z, dim=-1)
@@ -44,10 +47,10 @@ class _LinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         temperature, chunk = ctx.temperature, ctx.chunk
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros_like(weight, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = torch.zeros_like(bias, dtype=torch.float32)
+            grad_bias = torch.zeros_like(bias, dtype=lse.dtype)
         g_lp = grad_logp if grad_logp is not None else torch.zeros_like(lse)
         g_h = grad_entropy if grad_entropy is not None else torch.zeros_like(lse)
         for s in range(0, hidden.shape[0], chunk):
@@ -61,9 +64,9 @@ class _LinearLogprobs(torch.autograd.Function):
             gz.scatter_add_(-1, labels[s : s + chunk].long().unsqueeze(-1), g_lp[s : s + chunk].unsqueeze(-1))
             gz = gz / temperature
             if grad_hidden is not None:
-                grad_hidden[s : s + chunk] = (gz @ weight.float()).to(hidden.dtype)
+                grad_hidden[s : s + chunk] = (gz @ upcast(weight)).to(hidden.dtype)
             if grad_weight is not None:
-                grad_weight += gz.t() @ h.float()
+                grad_weight += gz.t() @ upcast(h)
             if grad_bias is not None:
                 grad_bias += gz.sum(0)
         if grad_weight is not None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import torch
 
+from ._precision import upcast
+
 ROW_CHUNK = 2048
 
 
 def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    z = logits.float()
+    z = upcast(logits)
     return z / temperature if temperature != 1.0 else z
 
 

@@ -9,6 +9,8 @@ from typing import Optional, Union
 
 import torch
 
+from ._precision import upcast
+
 from .kl import token_kl
 from .logprobs import logprobs_and_entropy
 
@@ -27,7 +29,7 @@ def aggregate(
 ) -> torch.Tensor:
     """Turn per-token losses ``[B, T]`` into a scalar; a batch with no valid token gives 0."""
     m = mask.to(torch.float32)
-    masked = losses.float() * m
+    masked = upcast(losses) * m
     if agg == "token-sum":
         return masked.sum()
     if agg == "token-mean":
@@ -64,7 +66,7 @@ def _at_least_one(denom):
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(torch.float32)
-    return (x.float() * m).sum() / m.sum().clamp(min=1.0)
+    return (upcast(x) * m).sum() / m.sum().clamp(min=1.0)
 
 
 def ppo_policy_loss(
@@ -84,10 +86,10 @@ def ppo_policy_loss(
 ) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate ``max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high))``, optional dual clip for A < 0."""
     clip_high = clip_low if clip_high is None else clip_high
-    adv = advantages.float()
+    adv = upcast(advantages)
     if adv.dim() == logp.dim() - 1:  # one advantage per sequence
         adv = adv.unsqueeze(-1).expand_as(logp)
-    log_ratio = logp.float() - old_logp.float()
+    log_ratio = upcast(logp) - upcast(old_logp)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -97,7 +99,7 @@ def ppo_policy_loss(
         dual_capped = (adv < 0) & (-adv * dual_clip < losses)
         losses = torch.where(dual_capped, -adv * dual_clip, losses)
     if is_weights is not None:
-        losses = losses * is_weights.float()
+        losses = losses * upcast(is_weights)
     loss = aggregate(losses, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale)
     with torch.no_grad():
         stats = {
@@ -106,7 +108,7 @@ def ppo_policy_loss(
             "ratio_mean": masked_mean(ratio.detach(), mask),
         }
         if dual_capped is not None:
-            stats["dual_clip_frac"] = masked_mean(dual_capped.float(), mask)
+            stats["dual_clip_frac"] = masked_mean(upcast(dual_capped), mask)
     return loss, stats
 
 
@@ -123,13 +125,13 @@ def ppo_value_loss(
     loss_scale: Count = None,
 ) -> tuple[torch.Tensor, dict]:
     """``0.5 * max((v - R)^2, (old_v + clamp(v - old_v, -clip, clip) - R)^2)``; ``clip=None`` disables clipping."""
-    v, ret = values.float(), returns.float()
+    v, ret = upcast(values), upcast(returns)
     unclipped = (v - ret) ** 2
     if clip is None:
         losses = 0.5 * unclipped
         clipped_more = torch.zeros_like(unclipped, dtype=torch.bool)
     else:
-        old = old_values.float()
+        old = upcast(old_values)
         v_clipped = old + torch.clamp(v - old, -clip, clip)
         clipped = (v_clipped - ret) ** 2
         losses = 0.5 * torch.maximum(unclipped, clipped)
@@ -137,7 +139,7 @@ def ppo_value_loss(
     loss = aggregate(losses, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale)
     with torch.no_grad():
         stats = {
-            "clip_frac": masked_mean(clipped_more.float(), mask),
+            "clip_frac": masked_mean(upcast(clipped_more), mask),
             "value_mean": masked_mean(v.detach(), mask),
         }
     return loss, stats

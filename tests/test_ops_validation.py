@@ -1,0 +1,98 @@
+"""Every public op refuses bad input with an error naming the argument, the expectation and what came."""
+import pytest
+import torch
+
+from rlhf_fast import ops
+
+
+def logits_inputs(rows=2, steps=3, vocab=5):
+    return dict(
+        logits=torch.randn(rows, steps, vocab),
+        labels=torch.randint(0, vocab, (rows, steps)),
+        old_logp=torch.randn(rows, steps),
+        advantages=torch.randn(rows, steps),
+        mask=torch.ones(rows, steps),
+    )
+
+
+def call_fused(**changes):
+    kw = logits_inputs()
+    kw.update(changes)
+    args = [kw.pop(k) for k in ("logits", "labels", "old_logp", "advantages", "mask")]
+    return ops.fused_ppo_loss(*args, **kw)
+
+
+@pytest.mark.parametrize(
+    "call,error,pattern",
+    [
+        (lambda: ops.selective_log_softmax([1.0], torch.zeros(1)), TypeError, r"logits: expected a torch.Tensor, got list"),
+        (lambda: ops.selective_log_softmax(torch.zeros(3, 4, dtype=torch.int32), torch.zeros(3, dtype=torch.long)), TypeError, r"logits: expected dtype in .*got torch.int32"),
+        (lambda: ops.selective_log_softmax(torch.zeros(4), torch.zeros((), dtype=torch.long)), ValueError, r"logits: expected a tensor \[\*, V\].*got shape \(4,\)"),
+        (lambda: ops.selective_log_softmax(torch.zeros(3, 4), torch.zeros(2, dtype=torch.long)), ValueError, r"labels: expected shape \(3,\).*got \(2,\)"),
+        (lambda: ops.selective_log_softmax(torch.zeros(3, 4), torch.zeros(3)), TypeError, r"labels: expected dtype in \(int64, int32\), got torch.float32"),
+        (lambda: ops.selective_log_softmax(torch.zeros(3, 4), torch.tensor([0, 4, 1])), ValueError, r"labels: expected values in \[0, 3\].*got 4"),
+        (lambda: ops.selective_log_softmax(torch.zeros(3, 4), torch.tensor([0, -1, 1])), ValueError, r"labels: .*got -1"),
+        (lambda: ops.selective_log_softmax(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), temperature=0), ValueError, r"temperature: expected a value > 0.0, got 0.0"),
+        (lambda: ops.logprobs_and_entropy(torch.zeros(3, 0), torch.zeros(3, dtype=torch.long)), ValueError, r"logits: expected a non-empty vocabulary"),
+        (lambda: ops.token_kl(torch.zeros(3), torch.zeros(4)), ValueError, r"ref_logp: expected shape \(3,\)"),
+        (lambda: ops.token_kl(torch.zeros(3), torch.zeros(3), estimator="k4"), ValueError, r"estimator: expected one of \['k1', 'k2', 'k3'\], got 'k4'"),
+        (lambda: ops.gae(torch.zeros(3), torch.zeros(3), torch.ones(3)), ValueError, r"rewards: expected a 2-d tensor \[B, T\], got shape \(3,\)"),
+        (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3)), ValueError, r"values: expected shape \(2, 3\)"),
+        (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), gamma=1.5), ValueError, r"gamma: expected a value <= 1.0, got 1.5"),
+        (lambda: ops.gae(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), lam="x"), TypeError, r"lam: expected a real number, got str"),
+        (lambda: ops.masked_whiten(torch.zeros(2, 3), torch.ones(3, 2)), ValueError, r"mask: expected shape \(2, 3\)"),
+        (lambda: ops.masked_whiten(torch.zeros(2, 3), torch.ones(2, 3), shift_mean=1), TypeError, r"shift_mean: expected a bool"),
+        (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3), torch.ones(2, 3)), ValueError, r"advantages: expected shape \(2, 3\).*or \(2,\).*got \(3,\)"),
+        (lambda: ops.ppo_policy_loss(torch.zeros(6), torch.zeros(6), torch.zeros(2), torch.ones(6)), ValueError, r"advantages: expected shape \(6,\)"),
+        (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(3, 2)), ValueError, r"mask: expected shape \(2, 3\)"),
+        (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), agg="mean"), ValueError, r"agg: expected one of .*got 'mean'"),
+        (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), dual_clip=0.5), ValueError, r"dual_clip: expected a value > 1.0, got 0.5"),
+        (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), clip_low=-0.1), ValueError, r"clip_low: expected a value >= 0.0"),
+        (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), num_tokens=0), ValueError, r"num_tokens: expected a value > 0"),
+        (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), is_weights=torch.ones(3)), ValueError, r"is_weights: expected shape \(2, 3\)"),
+        (lambda: ops.ppo_value_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 2), torch.ones(2, 3)), ValueError, r"returns: expected shape \(2, 3\)"),
+        (lambda: ops.ppo_value_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), clip=-1), ValueError, r"clip: expected a value >= 0.0"),
+        (lambda: call_fused(kl_coef=0.1), ValueError, r"ref_logp: expected a tensor of shape \(2, 3\) when kl_coef != 0, got None"),
+        (lambda: call_fused(kl_estimator="k9", ref_logp=torch.zeros(2, 3)), ValueError, r"kl_estimator: expected one of"),
+        (lambda: call_fused(old_logp=torch.zeros(2, 4)), ValueError, r"old_logp: expected shape \(2, 3\) \(the shape of labels\), got \(2, 4\)"),
+        (lambda: call_fused(inplace_grad="yes"), TypeError, r"inplace_grad: expected a bool"),
+        (lambda: call_fused(logits=torch.zeros(2, 3, 5, dtype=torch.float64)), TypeError, r"logits: expected dtype in \(float32, float16, bfloat16\), got torch.float64"),
+        (lambda: ops.linear_logprobs(torch.zeros(4, 3), torch.zeros(5, 2), torch.zeros(4, dtype=torch.long)), ValueError, r"weight: expected shape \[V, 3\]"),
+        (lambda: ops.linear_logprobs(torch.zeros(4, 3), torch.zeros(5, 3, dtype=torch.float16), torch.zeros(4, dtype=torch.long)), TypeError, r"weight: expected dtype torch.float32"),
+        (lambda: ops.linear_logprobs(torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(4, dtype=torch.long), bias=torch.zeros(4)), ValueError, r"bias: expected shape \(5,\)"),
+        (lambda: ops.linear_logprobs(torch.zeros(4, 3), torch.zeros(5, 3), torch.full((4,), 5)), ValueError, r"labels: expected values in \[0, 4\]"),
+        (lambda: ops.fused_linear_ppo_loss(torch.zeros(2, 3, 4), torch.zeros(6, 4), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 2)), ValueError, r"mask: expected shape \(2, 3\)"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message(call, error, pattern):
+    with pytest.raises(error, match=pattern):
+        call()
+
+
+def test_device_mix_is_refused():
+    meta = torch.zeros(2, 3, device="meta")
+    with pytest.raises(ValueError, match=r"expected all tensors on one device, got .*meta"):
+        ops.token_kl(torch.zeros(2, 3), meta)
+
+
+def test_leading_dimensions_are_restored():
+    logits, labels = torch.randn(2, 3, 4, 7), torch.randint(0, 7, (2, 3, 4))
+    logp, entropy = ops.logprobs_and_entropy(logits, labels)
+    assert logp.shape == entropy.shape == (2, 3, 4)
+    flat = ops.selective_log_softmax(logits.reshape(-1, 7), labels.reshape(-1))
+    assert torch.equal(flat.view(2, 3, 4), logp)
+
+
+def test_int32_labels_and_int_mask_accepted():
+    kw = logits_inputs()
+    loss_a, _ = call_fused(labels=kw["labels"].int(), mask=kw["mask"].int())
+    assert torch.isfinite(loss_a)
+
+
+def test_flat_per_token_inputs_are_one_sequence():
+    torch.manual_seed(0)
+    logp, old, adv = torch.randn(8), torch.randn(8), torch.randn(8)
+    mask = torch.rand(8) > 0.3
+    flat, _ = ops.ppo_policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean")
+    rows, _ = ops.ppo_policy_loss(logp[None], old[None], adv[None], mask[None], agg="seq-mean-token-mean")
+    torch.testing.assert_close(flat, rows)
