@@ -11,6 +11,7 @@ import csv
 import functools
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -216,7 +217,7 @@ class Bench:
             ax.set_title(op)
             ax.legend(fontsize=7)
             fig.tight_layout()
-            path = os.path.join(out_dir, f"{op}.png")
+            path = os.path.join(out_dir, re.sub(r"[^\w.-]+", "_", op).strip("_") + ".png")
             fig.savefig(path, dpi=110)
             plt.close(fig)
             paths.append(path)
