@@ -1,0 +1,316 @@
+"""Triton log-probs and entropy from logits: ``selective_log_softmax`` and ``logprobs_and_entropy``.
+
+Design (one program per row of ``logits[N, V]``, never a row split across programs, so a row's result does not
+depend on the batch it sits in):
+
+- forward: one pass over the row in vocabulary chunks of ``BLOCK_V``, each chunk loaded in the input dtype and
+  converted to float32 in registers. An online max ``m``, sum-exp ``s = sum exp(z - m)`` and, for the entropy,
+  ``t = sum exp(z - m) * (z - m)`` (kept relative to the running max, so large logits do not cancel) give
+  ``lse = m + log s`` and ``H = log s - t / s``. The label logit is one scalar load. Nothing of size ``[N, V]``
+  is ever written, and no float32 copy of the logits exists.
+- backward: one pass that recomputes ``log p = z - lse`` from the saved log-sum-exp (and entropy) and writes
+  ``d/dx = (g_logp * (onehot - p) - g_H * p * (log p + H)) / temperature`` in the input dtype.
+  Rows whose upstream gradients are both 0 are written as zeros without reading the logits.
+- no-grad fast path: the forward writes only the per-token outputs (no log-sum-exp buffer).
+
+``_online_lse_pass`` and ``_logits_grad_kernel`` are shared with the fused PPO loss (``fused_loss.py``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest vocabulary chunk a program holds in registers. Tests lower it to cover multi-chunk rows cheaply.
+MAX_BLOCK_V = 4096
+# Finite stand-in for -inf: the running max starts here and padded lanes load it, so that no inf - inf or
+# 0 * inf ever appears (a real -inf logit still works: its probability is exactly 0).
+NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
+
+
+def forward_config(vocab: int) -> dict:
+    """Launch parameters of the statistics pass; a function of V only (batch invariance)."""
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+    return {"BLOCK_V": block, "num_warps": 1 if block <= 2048 else 4, "num_stages": 2}
+
+
+def backward_config(vocab: int) -> dict:
+    """Launch parameters of the gradient pass (read + write: wider blocks and more warps)."""
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+    return {"BLOCK_V": block, "num_warps": 16 if block >= 4096 else max(1, block // 256), "num_stages": 1}
+
+
+@triton.jit
+def _online_lse_pass(
+    x_ptr, V, inv_t, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr
+):
+    """One pass over a row: running max ``m``, ``s = sum e^(z-m)``, ``t = sum e^(z-m) (z-m)`` in float32."""
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((), NEG_BIG, tl.float32)
+    s = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        z = tl.load(x_ptr + idx, mask=idx < V, other=NEG_BIG).to(tl.float32)
+        if HAS_TEMP:
+            z = z * inv_t
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        alpha = tl.exp(m - m_new)
+        zc = z - m_new
+        e = tl.exp(zc)
+        if WITH_ENTROPY:
+            # e * (z - m) is 0 for a -inf logit (e == 0), never 0 * -inf.
+            ez = tl.where(z > NEG_BIG, e * zc, 0.0)
+            t = alpha * (t + (m - m_new) * s) + tl.sum(ez, axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    return m, s, t
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    X,
+    stride_x,
+    LABELS,
+    LOGP,
+    ENT,
+    LSE,
+    V,
+    inv_t,
+    HAS_TEMP: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.cast(inv_t, tl.float32)
+    x_ptr = X + row * stride_x
+    m, s, t = _online_lse_pass(x_ptr, V, inv_t, HAS_TEMP, WITH_ENTROPY, BLOCK_V)
+    log_s = tl.log(s)
+    lse = m + log_s
+    label = tl.load(LABELS + row).to(tl.int64)
+    z_label = tl.load(x_ptr + label).to(tl.float32)
+    if HAS_TEMP:
+        z_label = z_label * inv_t
+    tl.store(LOGP + row, z_label - lse)
+    if WITH_ENTROPY:
+        tl.store(ENT + row, log_s - t / s)
+    if STORE_LSE:
+        tl.store(LSE + row, lse)
+
+
+@triton.jit
+def _logits_grad_kernel(
+    X,
+    stride_xr,
+    stride_xt,
+    DX,
+    stride_dr,
+    stride_dt,
+    T_INNER,
+    LABELS,
+    LSE,
+    ENT,
+    G_LOGP,
+    G_ENT,
+    SCALE,
+    V,
+    inv_t,
+    HAS_TEMP: tl.constexpr,
+    HAS_LOGP_GRAD: tl.constexpr,
+    HAS_ENT_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """``dx = scale / T * (g_logp * (onehot - p) - g_H * p * (log p + H))`` for row ``n`` = (n // T_INNER, n % T_INNER).
+
+    ``X`` and ``DX`` may be the same buffer (gradient written over the logits): each element is read before its
+    own lane writes it, and no other program touches the row.
+    """
+    n = tl.program_id(0).to(tl.int64)
+    r = n // T_INNER
+    tt = n - r * T_INNER
+    inv_t = tl.cast(inv_t, tl.float32)
+    dx_ptr = DX + r * stride_dr + tt * stride_dt
+    cols = tl.arange(0, BLOCK_V)
+    g_logp = tl.zeros((), tl.float32)
+    g_ent = tl.zeros((), tl.float32)
+    if HAS_LOGP_GRAD:
+        g_logp = tl.load(G_LOGP + n).to(tl.float32)
+    if HAS_ENT_GRAD:
+        g_ent = tl.load(G_ENT + n).to(tl.float32)
+    if (g_logp == 0.0) & (g_ent == 0.0):
+        # Masked token (or a zero upstream gradient): the gradient row is exactly 0, no need to read logits.
+        zero = tl.zeros((BLOCK_V,), tl.float32).to(DX.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            idx = start + cols
+            tl.store(dx_ptr + idx, zero, mask=idx < V)
+        return
+    scale = tl.full((), 1.0, tl.float32)
+    if HAS_TEMP:
+        scale = inv_t
+    if HAS_SCALE:
+        scale = scale * tl.load(SCALE).to(tl.float32)
+    g_logp = g_logp * scale
+    g_ent = g_ent * scale
+    x_ptr = X + r * stride_xr + tt * stride_xt
+    lse = tl.load(LSE + n)
+    ent = tl.zeros((), tl.float32)
+    if HAS_ENT_GRAD:
+        ent = tl.load(ENT + n)
+    label = tl.load(LABELS + n).to(tl.int64)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        valid = idx < V
+        z = tl.load(x_ptr + idx, mask=valid, other=NEG_BIG).to(tl.float32)
+        if HAS_TEMP:
+            z = z * inv_t
+        logp = z - lse
+        p = tl.exp(logp)
+        g = tl.where(idx == label, g_logp - g_logp * p, -g_logp * p)
+        if HAS_ENT_GRAD:
+            # A -inf logit has p == 0 and contributes 0, never 0 * -inf.
+            g = g - tl.where(p > 0.0, g_ent * p * (logp + ent), 0.0)
+        tl.store(dx_ptr + idx, g.to(DX.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _scale_rows_kernel(X, stride_xr, stride_xt, T_INNER, SCALE, V, BLOCK_V: tl.constexpr):
+    """``x *= scale`` in place, row by row (no autograd version bump, unlike ``Tensor.mul_``)."""
+    n = tl.program_id(0).to(tl.int64)
+    r = n // T_INNER
+    tt = n - r * T_INNER
+    x_ptr = X + r * stride_xr + tt * stride_xt
+    scale = tl.load(SCALE).to(tl.float32)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        valid = idx < V
+        x = tl.load(x_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+        tl.store(x_ptr + idx, (x * scale).to(X.dtype.element_ty), mask=valid)
+
+
+# ---- host side --------------------------------------------------------------------------------------------
+
+
+def _inv_temperature(temperature: float) -> tuple[float, bool]:
+    temperature = float(temperature)
+    return 1.0 / temperature, temperature != 1.0
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """A 2-D view whose last dimension is contiguous (the kernels take a row stride)."""
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def logprobs_forward(logits, labels, temperature, *, with_entropy: bool, store_lse: bool):
+    """Launch the statistics pass; returns float32 ``(logp, entropy or None, lse or None)``."""
+    logits = _rows(logits)
+    labels = labels.contiguous()
+    rows, vocab = logits.shape
+    logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    ent = torch.empty_like(logp) if with_entropy else None
+    lse = torch.empty_like(logp) if store_lse else None
+    if rows:
+        inv_t, has_temp = _inv_temperature(temperature)
+        _logprobs_fwd_kernel[(rows,)](
+            logits, logits.stride(0), labels, logp, ent if with_entropy else logp, lse if store_lse else logp,
+            vocab, inv_t, HAS_TEMP=has_temp, WITH_ENTROPY=with_entropy, STORE_LSE=store_lse,
+            **forward_config(vocab),
+        )
+    return logp, ent, lse
+
+
+def launch_logits_grad(
+    logits, grad, labels, lse, ent, g_logp, g_ent, scale, temperature, *, t_inner: int
+) -> None:
+    """Write the gradient of ``sum(g_logp * logp + g_ent * H) * scale`` w.r.t. ``logits`` into ``grad``.
+
+    ``logits`` and ``grad`` are ``[N, V]`` or ``[R, T_INNER, V]`` with a contiguous last dimension (they may be
+    the same tensor); per-token tensors are contiguous ``[N]``; ``g_logp`` / ``g_ent`` / ``scale`` may be None.
+    """
+    vocab = logits.shape[-1]
+    rows = labels.numel()
+    if rows == 0:
+        return
+    xs = _strides(logits)
+    ds = _strides(grad)
+    inv_t, has_temp = _inv_temperature(temperature)
+    dummy = lse
+    _logits_grad_kernel[(rows,)](
+        logits, xs[0], xs[1], grad, ds[0], ds[1], t_inner, labels, lse,
+        dummy if ent is None else ent, dummy if g_logp is None else g_logp, dummy if g_ent is None else g_ent,
+        dummy if scale is None else scale, vocab, inv_t,
+        HAS_TEMP=has_temp, HAS_LOGP_GRAD=g_logp is not None, HAS_ENT_GRAD=g_ent is not None,
+        HAS_SCALE=scale is not None, **backward_config(vocab),
+    )
+
+
+def launch_scale_rows(x: torch.Tensor, scale: torch.Tensor, *, t_inner: int) -> None:
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows == 0:
+        return
+    xs = _strides(x)
+    _scale_rows_kernel[(rows,)](x, xs[0], xs[1], t_inner, scale, x.shape[-1], **backward_config(x.shape[-1]))
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int]:
+    """(row stride, inner-time stride) of ``[N, V]`` (inner stride unused) or ``[R, T, V]``."""
+    if x.dim() == 2:
+        return x.stride(0), 0
+    return x.stride(0), x.stride(1)
+
+
+class _LogProbsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, with_entropy):
+        logits = _rows(logits)
+        labels = labels.contiguous()
+        logp, ent, lse = logprobs_forward(logits, labels, temperature, with_entropy=with_entropy, store_lse=True)
+        ctx.save_for_backward(logits, labels, lse, ent)
+        ctx.temperature = temperature
+        ctx.with_entropy = with_entropy
+        ctx.set_materialize_grads(False)
+        return (logp, ent) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent=None):
+        logits, labels, lse, ent = ctx.saved_tensors
+        if g_logp is None and g_ent is None:
+            return None, None, None, None
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        launch_logits_grad(
+            logits, grad, labels, lse, ent,
+            None if g_logp is None else g_logp.float().contiguous(),
+            None if g_ent is None else g_ent.float().contiguous(),
+            None, ctx.temperature, t_inner=1,
+        )
+        return grad, None, None, None
+
+
+def _needs_grad(logits: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and logits.requires_grad
+
+
+def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """``log_softmax(logits / temperature)[label]`` for ``logits[N, V]``, ``labels[N]``; float32 ``[N]``."""
+    if _needs_grad(logits):
+        return _LogProbsFunction.apply(logits, labels, float(temperature), False)
+    logp, _, _ = logprobs_forward(logits, labels, float(temperature), with_entropy=False, store_lse=False)
+    return logp
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label log-prob and entropy of ``softmax(logits / temperature)``, float32 ``[N]`` each.
+
+    Unlike the reference, a ``-inf`` logit is fine for the entropy too (its ``p log p`` term is 0).
+    """
+    if _needs_grad(logits):
+        return _LogProbsFunction.apply(logits, labels, float(temperature), True)
+    logp, ent, _ = logprobs_forward(logits, labels, float(temperature), with_entropy=True, store_lse=False)
+    return logp, ent
+
+
+KERNELS = {"selective_log_softmax": selective_log_softmax, "logprobs_and_entropy": logprobs_and_entropy}
