@@ -10,4 +10,5 @@ PYBIND11_MODULE(_C, m) {
     m.def("version", []() { return std::string(RLHF_FAST_VERSION); },
           "Version string the extension was built with.");
     rlhf_fast::register_gae(m);
+    rlhf_fast::register_batcher(m);
 }

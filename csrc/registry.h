@@ -4,4 +4,5 @@
 
 namespace rlhf_fast {
 void register_gae(pybind11::module_& m);
+void register_batcher(pybind11::module_& m);
 }  // namespace rlhf_fast

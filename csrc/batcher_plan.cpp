@@ -1,0 +1,158 @@
+// Micro-batch planning for one set of rank groups; see rlhf_fast/batching/_plan.py for the steps and why.
+#include <algorithm>
+
+#include "batcher.h"
+
+namespace rlhf_fast {
+namespace batcher {
+namespace {
+
+int64_t tokens(const Group& items, const int64_t* lengths) {
+    int64_t total = 0;
+    for (int64_t i : items) total += lengths[i];
+    return total;
+}
+
+int64_t heaviest_group(const Groups& groups, const int64_t* lengths) {
+    int64_t best = 0;
+    for (const Group& g : groups) best = std::max(best, tokens(g, lengths));
+    return best;
+}
+
+// Move the shortest sequence of the heaviest multi-sequence group into each empty group.
+void fill_empty(Groups& groups, const int64_t* lengths) {
+    while (true) {
+        int64_t empty = -1, donor = -1, donor_tokens = 0;
+        for (size_t g = 0; g < groups.size(); ++g) {
+            if (groups[g].empty()) {
+                empty = g;
+                break;
+            }
+        }
+        for (size_t g = 0; g < groups.size(); ++g) {
+            if (groups[g].size() < 2) continue;
+            const int64_t t = tokens(groups[g], lengths);
+            if (donor < 0 || t > donor_tokens) {
+                donor = g;
+                donor_tokens = t;
+            }
+        }
+        if (empty < 0 || donor < 0) return;
+        Group& from = groups[donor];
+        auto shortest = std::min_element(from.begin(), from.end(), [lengths](int64_t a, int64_t b) {
+            if (lengths[a] != lengths[b]) return lengths[a] < lengths[b];
+            return a < b;
+        });
+        groups[empty].push_back(*shortest);
+        from.erase(shortest);
+    }
+}
+
+// KK split of a sorted index list into k groups by tokens.
+Groups split(const Group& items, int64_t k, const int64_t* lengths) {
+    std::vector<int64_t> weights(items.size());
+    for (size_t p = 0; p < items.size(); ++p) weights[p] = lengths[items[p]];
+    Groups positions = kk_partition<int64_t>(weights.data(), weights.size(), k, false);
+    Groups groups(k);
+    for (int64_t g = 0; g < k; ++g) {
+        groups[g].reserve(positions[g].size());
+        for (int64_t p : positions[g]) groups[g].push_back(items[p]);
+    }
+    fill_empty(groups, lengths);
+    return groups;
+}
+
+Groups first_fit_decreasing(const Group& items, const int64_t* lengths, int64_t cap) {
+    Group order(items);
+    std::sort(order.begin(), order.end(), [lengths](int64_t a, int64_t b) {
+        if (lengths[a] != lengths[b]) return lengths[a] > lengths[b];
+        return a < b;
+    });
+    Groups bins;
+    std::vector<int64_t> room;
+    for (int64_t i : order) {
+        size_t b = 0;
+        while (b < bins.size() && room[b] < lengths[i]) ++b;
+        if (b == bins.size()) {
+            bins.emplace_back();
+            room.push_back(cap);
+        }
+        bins[b].push_back(i);
+        room[b] -= lengths[i];
+    }
+    for (Group& g : bins) std::sort(g.begin(), g.end());
+    return bins;
+}
+
+Groups fewest(const Group& items, const int64_t* lengths, int64_t cap) {
+    if (items.empty()) return {};
+    const int64_t lower_bound = (tokens(items, lengths) + cap - 1) / cap;
+    Groups groups = split(items, lower_bound, lengths);
+    if (heaviest_group(groups, lengths) <= cap) return groups;
+    return first_fit_decreasing(items, lengths, cap);
+}
+
+Groups spread(const Group& items, const Groups& base, int64_t count, const int64_t* lengths, int64_t cap) {
+    if (static_cast<int64_t>(base.size()) == count) return base;
+    if (items.empty()) return Groups(count);
+    Groups groups = split(items, count, lengths);
+    if (heaviest_group(groups, lengths) <= cap) return groups;
+    Groups bins(base);
+    while (static_cast<int64_t>(bins.size()) < count) {
+        int64_t heaviest = -1, heaviest_tokens = 0;
+        for (size_t b = 0; b < bins.size(); ++b) {
+            if (bins[b].size() < 2) continue;
+            const int64_t t = tokens(bins[b], lengths);
+            if (heaviest < 0 || t > heaviest_tokens) {
+                heaviest = b;
+                heaviest_tokens = t;
+            }
+        }
+        if (heaviest < 0) {
+            bins.emplace_back();
+            continue;
+        }
+        Groups halves = split(bins[heaviest], 2, lengths);
+        bins[heaviest] = std::move(halves[0]);
+        bins.push_back(std::move(halves[1]));
+    }
+    return bins;
+}
+
+// Heaviest first; equal token counts by first index; empty micro-batches last.
+void order_heaviest_first(Groups& micro_batches, const int64_t* lengths, int64_t sentinel) {
+    std::vector<std::pair<int64_t, int64_t>> keys(micro_batches.size());
+    std::vector<size_t> order(micro_batches.size());
+    for (size_t m = 0; m < micro_batches.size(); ++m) {
+        keys[m] = {-tokens(micro_batches[m], lengths), micro_batches[m].empty() ? sentinel : micro_batches[m][0]};
+        order[m] = m;
+    }
+    std::stable_sort(order.begin(), order.end(), [&keys](size_t a, size_t b) { return keys[a] < keys[b]; });
+    Groups sorted;
+    sorted.reserve(order.size());
+    for (size_t m : order) sorted.push_back(std::move(micro_batches[m]));
+    micro_batches = std::move(sorted);
+}
+
+}  // namespace
+
+std::vector<Groups> plan_ranks(const int64_t* lengths, const Groups& ranks, int64_t max_tokens,
+                               int64_t min_micro_batches) {
+    int64_t n = 0;
+    for (const Group& r : ranks) n += r.size();
+    std::vector<Groups> bases;
+    int64_t count = min_micro_batches;
+    for (const Group& items : ranks) {
+        bases.push_back(fewest(items, lengths, max_tokens));
+        count = std::max<int64_t>(count, bases.back().size());
+    }
+    std::vector<Groups> plan;
+    for (size_t r = 0; r < ranks.size(); ++r) {
+        plan.push_back(spread(ranks[r], bases[r], count, lengths, max_tokens));
+        order_heaviest_first(plan.back(), lengths, n);
+    }
+    return plan;
+}
+
+}  // namespace batcher
+}  // namespace rlhf_fast
