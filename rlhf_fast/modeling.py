@@ -1,0 +1,126 @@
+"""Helpers between Hugging Face causal LMs and the fused linear ops.
+
+The trainer never asks a model for its ``[B, T, V]`` logits: it runs the decoder body, takes the last hidden
+state (after the final norm) and the LM head, and hands both to ``rlhf_fast.ops.linear_logprobs`` /
+``fused_linear_ppo_loss``, which never hold the logits either.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+
+# Config attributes of models whose logits are not ``lm_head(hidden)``: (attribute, value meaning "off").
+_LOGIT_TRANSFORMS = (
+    ("final_logit_softcapping", (None, 0, 0.0)),  # Gemma 2 / 3: tanh soft-capping
+    ("logit_softcapping", (None, 0, 0.0)),
+    ("logit_scale", (None, 1, 1.0)),  # Cohere: logits * logit_scale
+    ("logits_scaling", (None, 1, 1.0)),  # Granite: logits / logits_scaling
+    ("lm_head_multiplier", (None, 1, 1.0)),  # Falcon-H1: logits * lm_head_multiplier
+    ("output_multiplier_scale", (None, 1, 1.0)),
+)
+
+
+def _configs(model):
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    found = [config]
+    get_text = getattr(config, "get_text_config", None)
+    if callable(get_text):
+        text = get_text()
+        if text is not None and text is not config:
+            found.append(text)
+    return found
+
+
+def _check_plain_lm_head(model) -> None:
+    for config in _configs(model):
+        for attr, off in _LOGIT_TRANSFORMS:
+            value = getattr(config, attr, None)
+            if value not in off:
+                raise NotImplementedError(
+                    f"hidden_and_lm_head: {type(model).__name__} transforms its logits after the LM head "
+                    f"(config.{attr} = {value!r}); the fused linear ops compute plain hidden @ weight.T + bias "
+                    f"logits, so they would give different log-probs. Use the model's logits for this model."
+                )
+
+
+def _decoder(model):
+    get_decoder = getattr(model, "get_decoder", None)
+    body = get_decoder() if callable(get_decoder) else None
+    if body is None or body is model:
+        prefix = getattr(model, "base_model_prefix", "") or "model"
+        body = getattr(model, prefix, None) or getattr(model, "model", None)
+    if body is None or body is model:
+        raise NotImplementedError(
+            f"hidden_and_lm_head: expected a causal LM with a decoder body (get_decoder(), .model or "
+            f".{getattr(model, 'base_model_prefix', 'model')}), got {type(model).__name__}"
+        )
+    return body
+
+
+def hidden_and_lm_head(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Run the causal LM's body: ``(hidden[B, T, H] after the final norm, lm_head weight[V, H], bias or None)``.
+
+    Tied embeddings need nothing special: the returned weight *is* the embedding matrix, so gradients from the
+    head and from the embedding lookup add up in its ``.grad``. Models that transform logits after the head
+    (soft-capping, logit scales) raise ``NotImplementedError`` instead of giving silently different numbers.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids: expected a 2-d tensor [B, T], got {shape}")
+    _check_plain_lm_head(model)
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise NotImplementedError(
+            f"hidden_and_lm_head: expected get_output_embeddings() to be a linear layer with weight [V, H], "
+            f"got {type(head).__name__}"
+        )
+    bias = getattr(head, "bias", None)
+    kwargs = {"input_ids": input_ids, "use_cache": False}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    out = _decoder(model)(**kwargs)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if hidden.dim() != 3 or hidden.shape[-1] != weight.shape[1]:
+        raise NotImplementedError(
+            f"hidden_and_lm_head: the decoder body gave hidden states of shape {tuple(hidden.shape)}, "
+            f"expected [B, T, {weight.shape[1]}] to match the LM head weight {tuple(weight.shape)}"
+        )
+    return hidden, weight, bias
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    position_ids: Optional[torch.Tensor] = None,
+):
+    """``logp[B, T-1] = log p(input_ids[:, t+1] | input_ids[:, <= t])`` (float32), and the entropy of each of
+    those next-token distributions with ``return_entropy=True``; computed by ``rlhf_fast.ops.linear_logprobs``
+    from the hidden states, never from ``[B, T, V]`` logits. Differentiable in the model's parameters.
+    Positions under padding (``attention_mask == 0``) get finite values the caller is expected to mask out.
+    """
+    hidden, weight, bias = hidden_and_lm_head(model, input_ids, attention_mask, position_ids)
+    if hidden.dtype != weight.dtype:  # e.g. an fp32 final norm on a low-precision head
+        hidden = hidden.to(weight.dtype)
+    if bias is not None and bias.dtype != weight.dtype:
+        bias = bias.to(weight.dtype)
+    return ops.linear_logprobs(
+        hidden[:, :-1], weight, input_ids[:, 1:], bias=bias, temperature=temperature,
+        return_entropy=return_entropy,
+    )
