@@ -1,0 +1,86 @@
+"""rlhf_fast.modeling against a tiny LlamaForCausalLM's own logits (built from a config, no downloads)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from rlhf_fast.modeling import hidden_and_lm_head, sequence_logprobs  # noqa: E402
+
+B, T, V = 2, 13, 101
+
+
+def _model(tie=False, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # a random init gives near-uniform logits; spread them so errors would show
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def _ids(seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits_logprobs(model, ids, mask=None, temperature=1.0):
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float() / temperature
+    logp_all = torch.log_softmax(logits, -1)
+    logp = logp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def test_hidden_and_lm_head_reproduce_logits():
+    model = _model()
+    ids = _ids()
+    hidden, weight, bias = hidden_and_lm_head(model, ids)
+    assert hidden.shape == (B, T, 32) and weight.shape == (V, 32) and bias is None
+    assert weight is model.lm_head.weight
+    torch.testing.assert_close(hidden @ weight.t(), model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_kernel", [False, True], ids=["reference", "triton"])
+def test_sequence_logprobs_matches_logits(use_kernel, backend):
+    backend("triton" if use_kernel else "torch")
+    model = _model()
+    ids = _ids()
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :4] = 0  # left padding on the second row
+    logp, ent = sequence_logprobs(model, ids, mask, temperature=0.8, return_entropy=True)
+    logp_r, ent_r = _logits_logprobs(model, ids, mask, temperature=0.8)
+    assert logp.shape == (B, T - 1) and logp.dtype == torch.float32
+    torch.testing.assert_close(logp, logp_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ent_r, atol=1e-5, rtol=1e-5)
+    # without return_entropy: just the log-probs
+    torch.testing.assert_close(sequence_logprobs(model, ids, mask, temperature=0.8), logp_r, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_gradients(backend):
+    """Tied head: the gradient through the head and through the embedding lookup both reach the one matrix."""
+    backend("triton")
+    model = _model(tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = _ids(seed=2)
+    logp, ent = sequence_logprobs(model, ids, return_entropy=True)
+    (logp.sum() + 0.5 * ent.sum()).backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logp_r, ent_r = _logits_logprobs(model, ids)
+    (logp_r.sum() + 0.5 * ent_r.sum()).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_logit_transforms_are_refused():
+    model = _model()
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
+        hidden_and_lm_head(model, _ids())
+    model = _model()
+    model.config.logit_scale = 0.5
+    with pytest.raises(NotImplementedError, match="logit_scale"):
+        sequence_logprobs(model, _ids())
+    with pytest.raises(ValueError, match="input_ids"):
+        hidden_and_lm_head(_model(), _ids()[0])
