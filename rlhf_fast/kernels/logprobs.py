@@ -23,8 +23,8 @@ import triton.language as tl
 
 # Largest vocabulary chunk a program holds in registers. Tests lower it to cover multi-chunk rows cheaply.
 MAX_BLOCK_V = 4096
-# Finite stand-in for -inf: the running max starts here and padded lanes load it, so that no inf - inf or
-# 0 * inf ever appears (a real -inf logit still works: its probability is exactly 0).
+# Finite start of the running max, so that ``m - m_new`` is never ``-inf - -inf``. Padded lanes (and real -inf
+# logits) are -inf: their probability is exactly 0, and the entropy terms select 0 instead of 0 * -inf.
 NEG_BIG: tl.constexpr = tl.constexpr(-1.0e30)
 
 
@@ -51,7 +51,7 @@ def _online_lse_pass(
     t = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
-        z = tl.load(x_ptr + idx, mask=idx < V, other=NEG_BIG).to(tl.float32)
+        z = tl.load(x_ptr + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
         if HAS_TEMP:
             z = z * inv_t
         m_new = tl.maximum(m, tl.max(z, axis=0))
@@ -162,7 +162,7 @@ def _logits_grad_kernel(
     for start in range(0, V, BLOCK_V):
         idx = start + cols
         valid = idx < V
-        z = tl.load(x_ptr + idx, mask=valid, other=NEG_BIG).to(tl.float32)
+        z = tl.load(x_ptr + idx, mask=valid, other=float("-inf")).to(tl.float32)
         if HAS_TEMP:
             z = z * inv_t
         logp = z - lse

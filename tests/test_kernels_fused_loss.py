@@ -1,0 +1,286 @@
+"""Triton fused_ppo_loss against the unfused reference composition: loss, stats and d loss / d logits.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (conftest) with the vocabulary chunk lowered to 64, so that
+V = 300 spans five chunks. bf16 runs only on the GPU.
+"""
+import pytest
+import torch
+
+from rlhf_fast import _dispatch, ops
+from rlhf_fast import reference as ref
+from rlhf_fast.reference.losses import AGG_MODES
+
+V = 300
+FULL = dict(
+    kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, temperature=0.8, clip_low=0.2, clip_high=0.28,
+    dual_clip=3.0,
+)
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(backend, monkeypatch):
+    backend("triton")
+    from rlhf_fast.kernels import logprobs
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 64)
+
+
+def _device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_batch(rows=3, steps=5, vocab=V, dtype=torch.float32, seed=0, temperature=0.8, scale=2.0, device=None,
+               offset=0.0):
+    """Logits plus per-token tensors whose ratios straddle the clip range (so every branch is taken).
+
+    ``offset`` pushes the logits to +-offset (large-logit tests).
+    """
+    device = device or _device()
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, steps, vocab, generator=g) * scale
+    logits = (logits + offset * torch.sign(logits)).to(dtype)
+    labels = torch.randint(0, vocab, (rows, steps), generator=g)
+    labels.view(-1)[0], labels.view(-1)[-1] = 0, vocab - 1
+    logp = ref.selective_log_softmax(logits.float().view(-1, vocab), labels.view(-1), temperature=temperature)
+    logp = logp.view(rows, steps)
+    old = logp + 0.4 * torch.randn(rows, steps, generator=g)
+    ref_logp = logp + 0.3 * torch.randn(rows, steps, generator=g)
+    adv = torch.randn(rows, steps, generator=g)
+    mask = torch.rand(rows, steps, generator=g) > 0.25
+    mask[:, 0] = True
+    if rows > 2:
+        mask[1] = False  # a fully masked row
+    is_w = torch.rand(rows, steps, generator=g) + 0.5
+    batch = dict(logits=logits, labels=labels, old_logp=old, advantages=adv, mask=mask, ref_logp=ref_logp,
+                 is_weights=is_w)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def run(impl, batch, upstream=1.0, **kw):
+    """Loss, stats and logits.grad of one implementation on a fresh copy of the logits."""
+    x = batch["logits"].detach().clone().requires_grad_(True)
+    args = {k: v for k, v in batch.items() if k != "logits"}
+    args.update(kw)
+    loss, stats = impl(x, args.pop("labels"), args.pop("old_logp"), args.pop("advantages"), args.pop("mask"), **args)
+    (loss * upstream).backward()
+    return loss.detach(), {k: v.detach() for k, v in stats.items()}, x.grad, x
+
+
+def reference(batch, upstream=1.0, **kw):
+    b = dict(batch, logits=batch["logits"].float())
+    adv = b["advantages"]
+    if adv.dim() == 1:
+        b["advantages"] = adv.unsqueeze(-1).expand_as(b["old_logp"])
+    kw = {k: v for k, v in kw.items() if k != "inplace_grad"}
+    return run(ref.fused_ppo_loss, b, upstream, **kw)
+
+
+def check(got, want, dtype=torch.float32, grad_tol=None, loss_tol=(1e-5, 1e-5), stat_tol=(1e-5, 1e-5)):
+    loss, stats, grad, _ = got
+    r_loss, r_stats, r_grad, _ = want
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss, r_loss, atol=loss_tol[0], rtol=loss_tol[1])
+    assert set(stats) == set(r_stats)
+    for k in r_stats:
+        assert stats[k].dtype == torch.float32 and stats[k].dim() == 0, k
+        torch.testing.assert_close(stats[k], r_stats[k], atol=stat_tol[0], rtol=stat_tol[1], msg=lambda m: f"{k}: {m}")
+    assert grad.dtype == dtype
+    atol, rtol = grad_tol or (1e-6, 1e-5)
+    torch.testing.assert_close(grad.float().reshape(r_grad.shape), r_grad, atol=atol, rtol=rtol)
+
+
+def test_dispatch_picks_the_triton_kernel():
+    from rlhf_fast.kernels import fused_loss
+
+    assert _dispatch.resolve("fused_ppo_loss", torch.device(_device())) is fused_loss.fused_ppo_loss
+
+
+@pytest.mark.parametrize("inplace_grad", [True, False])
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_every_agg_mode_all_features(agg, inplace_grad):
+    batch = make_batch(seed=1)
+    kw = dict(FULL, agg=agg, ref_logp=batch["ref_logp"], is_weights=batch["is_weights"])
+    got = run(ops.fused_ppo_loss, batch, 0.37, inplace_grad=inplace_grad, **kw)
+    want = reference(batch, 0.37, **kw)
+    check(got, want)
+    assert want[1]["clip_frac"] > 0  # the inputs exercise the clip branches
+    assert got[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimators(estimator):
+    batch = make_batch(seed=2, temperature=1.0)
+    kw = dict(ref_logp=batch["ref_logp"], kl_coef=0.5, kl_estimator=estimator, is_weights=None)
+    check(run(ops.fused_ppo_loss, batch, **kw), reference(batch, **kw))
+
+
+def test_defaults_no_ref_no_entropy():
+    batch = make_batch(seed=3, temperature=1.0)
+    kw = dict(ref_logp=None, is_weights=None)
+    got = run(ops.fused_ppo_loss, batch, **kw)
+    check(got, reference(batch, **kw))
+    assert got[1]["kl"] == 0 and "dual_clip_frac" not in got[1]
+
+
+def test_dual_clip_and_asymmetric_clip_are_taken():
+    batch = make_batch(rows=4, steps=6, seed=4, temperature=1.0)
+    batch["advantages"] = -batch["advantages"].abs() - 0.1  # all negative: the dual clip can bite
+    batch["old_logp"] = batch["old_logp"] - 1.5  # ratios well above 1 + clip_high
+    kw = dict(clip_low=0.1, clip_high=0.3, dual_clip=2.0, ref_logp=None, is_weights=batch["is_weights"])
+    got = run(ops.fused_ppo_loss, batch, **kw)
+    check(got, reference(batch, **kw))
+    assert got[1]["dual_clip_frac"] > 0
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [dict(num_tokens=37), dict(num_tokens=torch.tensor(11.0)), dict(num_seqs=9, agg="seq-mean-token-mean"),
+     dict(num_seqs=torch.tensor(5), agg="seq-mean-token-sum"), dict(loss_scale=64, agg="seq-mean-token-sum-norm")],
+)
+def test_count_overrides(counts):
+    batch = make_batch(seed=5)
+    kw = dict(FULL, ref_logp=batch["ref_logp"], **counts)
+    check(run(ops.fused_ppo_loss, batch, **kw), reference(batch, **kw))
+
+
+def test_per_sequence_advantages_and_int32_labels():
+    batch = make_batch(seed=6)
+    batch["advantages"] = torch.randn(3, device=_device())
+    batch["labels"] = batch["labels"].to(torch.int32)
+    kw = dict(FULL, ref_logp=batch["ref_logp"])
+    want = reference(dict(batch, labels=batch["labels"].long()), **kw)
+    check(run(ops.fused_ppo_loss, batch, **kw), want)
+
+
+def test_flat_tokens_and_single_step():
+    batch = make_batch(rows=1, steps=7, seed=7)
+    flat = {k: v[0] for k, v in batch.items()}  # logits [N, V], per-token [N]
+    kw = dict(FULL, ref_logp=flat["ref_logp"], is_weights=flat["is_weights"])
+    check(run(ops.fused_ppo_loss, flat, **kw), reference(batch, **dict(kw, ref_logp=batch["ref_logp"],
+                                                                       is_weights=batch["is_weights"])))
+    single = make_batch(rows=4, steps=1, seed=8)  # T = 1
+    kw = dict(FULL, ref_logp=single["ref_logp"], agg="seq-mean-token-sum-norm")
+    check(run(ops.fused_ppo_loss, single, **kw), reference(single, **kw))
+
+
+@pytest.mark.parametrize("inplace_grad", [True, False])
+def test_everything_masked_gives_zero_not_nan(inplace_grad):
+    batch = make_batch(seed=9)
+    batch["mask"] = torch.zeros_like(batch["mask"])
+    kw = dict(FULL, ref_logp=batch["ref_logp"], agg="seq-mean-token-mean")
+    got = run(ops.fused_ppo_loss, batch, inplace_grad=inplace_grad, **kw)
+    check(got, reference(batch, **kw))
+    assert got[0] == 0 and (got[2] == 0).all()
+
+
+def test_large_logits():
+    batch = make_batch(seed=10, scale=1.0, temperature=1.0, offset=1e4)
+    kw = dict(FULL, temperature=1.0, ref_logp=batch["ref_logp"])
+    got = run(ops.fused_ppo_loss, batch, **kw)
+    assert torch.isfinite(got[0]) and torch.isfinite(got[2]).all()
+    # The reference's entropy lse - sum(p z) rounds at float32's ~1e-3 spacing of |z| ~ 1e4; the kernel
+    # accumulates relative to the running max, so it is held to a float64 oracle tightly instead.
+    check(got, reference(batch, **kw), grad_tol=(1e-4, 1e-4), loss_tol=(1e-4, 1e-4), stat_tol=(1e-3, 1e-4))
+    z = batch["logits"].double() / kw["temperature"]
+    ent64 = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+    m = batch["mask"].double()
+    torch.testing.assert_close(got[1]["entropy"].double(), (ent64 * m).sum() / m.sum(), atol=1e-5, rtol=1e-6)
+
+
+def test_fp16_logits_loose(tol):
+    batch = make_batch(seed=11, dtype=torch.float16)
+    kw = dict(FULL, ref_logp=batch["ref_logp"], is_weights=batch["is_weights"])
+    check(run(ops.fused_ppo_loss, batch, 2.0, **kw), reference(batch, 2.0, **kw), dtype=torch.float16,
+          grad_tol=tol(torch.float16))
+
+
+def test_inplace_grad_false_leaves_logits_untouched():
+    batch = make_batch(seed=12)
+    before = batch["logits"].clone()
+    x = batch["logits"].requires_grad_(True)
+    loss, _ = ops.fused_ppo_loss(x, batch["labels"], batch["old_logp"], batch["advantages"], batch["mask"],
+                                 inplace_grad=False, entropy_coef=0.01)
+    loss.backward()
+    assert torch.equal(x.detach(), before)
+
+
+def test_inplace_grad_true_overwrites_logits_with_the_gradient():
+    batch = make_batch(seed=13)
+    kw = dict(FULL, ref_logp=batch["ref_logp"])
+    loss, _, grad, x = run(ops.fused_ppo_loss, batch, 3.0, inplace_grad=True, **kw)
+    assert torch.equal(x.detach(), grad)  # the logits buffer now holds the (scaled) gradient
+    assert not torch.equal(x.detach(), batch["logits"])
+
+
+def test_no_grad_path_matches_and_never_writes():
+    batch = make_batch(seed=14)
+    kw = dict(FULL, ref_logp=batch["ref_logp"], is_weights=batch["is_weights"])
+    logits = batch["logits"].clone()
+    args = (batch["labels"], batch["old_logp"], batch["advantages"], batch["mask"])
+    loss, stats = ops.fused_ppo_loss(logits, *args, inplace_grad=True, **kw)  # no requires_grad
+    assert torch.equal(logits, batch["logits"])
+    with torch.no_grad():
+        x = batch["logits"].clone().requires_grad_(True)
+        loss2, stats2 = ops.fused_ppo_loss(x, *args, inplace_grad=True, **kw)
+    assert torch.equal(x.detach(), batch["logits"])
+    g_loss, g_stats, _, _ = run(ops.fused_ppo_loss, batch, inplace_grad=True, **kw)
+    assert torch.equal(loss, loss2) and torch.equal(loss, g_loss)
+    assert all(torch.equal(stats[k], g_stats[k]) and torch.equal(stats[k], stats2[k]) for k in stats)
+
+
+def test_batch_invariance_bitwise():
+    """Per-token terms and gradient rows do not depend on the other rows (token-sum: batch-free weights)."""
+    from rlhf_fast.kernels import fused_loss
+
+    batch = make_batch(rows=6, steps=4, seed=15, dtype=torch.float16)
+    kw = dict(FULL, agg="token-sum", ref_logp=batch["ref_logp"], is_weights=batch["is_weights"])
+
+    def per_token(b):
+        rows, steps = b["old_logp"].shape
+        flat = {k: b[k].reshape(-1).contiguous().float() for k in ("old_logp", "advantages", "ref_logp",
+                                                                   "is_weights", "mask")}
+        out = fused_loss.fused_forward(
+            b["logits"], b["labels"].reshape(-1).contiguous(), flat["old_logp"], flat["advantages"],
+            flat["mask"], flat["mask"], ref_logp=flat["ref_logp"], is_weights=flat["is_weights"],
+            kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, temperature=0.8, clip_low=0.2, clip_high=0.28,
+            dual_clip=3.0, need_grad=True,
+        )
+        valid = b["mask"].view(rows, steps, 1)
+        # lse / ent are only written for valid tokens (masked ones never read their logits).
+        return [torch.where(valid, out[k].view(rows, steps, -1), 0.0)
+                for k in ("terms", "lse", "ent", "g_logp", "g_ent")]
+
+    full = per_token(batch)
+    _, _, full_grad, _ = run(ops.fused_ppo_loss, batch, **kw)
+    for start, stop in [(0, 1), (2, 5)]:
+        part_batch = {k: v[start:stop] for k, v in batch.items()}
+        for a, b in zip(full, per_token(part_batch)):
+            assert torch.equal(a[start:stop], b)
+        _, _, part_grad, _ = run(ops.fused_ppo_loss, part_batch, **dict(kw, ref_logp=part_batch["ref_logp"],
+                                                                      is_weights=part_batch["is_weights"]))
+        assert torch.equal(full_grad[start:stop], part_grad)
+    again = run(ops.fused_ppo_loss, batch, **kw)
+    assert torch.equal(again[2], full_grad)
+
+
+# ---- GPU: bf16 at realistic sizes ---------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inplace_grad", [True, False])
+def test_gpu_bf16_realistic(inplace_grad, tol):
+    batch = make_batch(rows=2, steps=256, vocab=151936, dtype=torch.bfloat16, seed=20, device="cuda")
+    kw = dict(FULL, agg="seq-mean-token-mean", ref_logp=batch["ref_logp"], is_weights=batch["is_weights"])
+    got = run(ops.fused_ppo_loss, batch, 0.5, inplace_grad=inplace_grad, **kw)
+    want = reference(batch, 0.5, **kw)
+    check(got, want, dtype=torch.bfloat16, grad_tol=tol(torch.bfloat16), loss_tol=(1e-4, 1e-4))
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_batch_invariance():
+    batch = make_batch(rows=8, steps=64, vocab=151936, dtype=torch.bfloat16, seed=21, device="cuda")
+    kw = dict(FULL, agg="token-sum", ref_logp=batch["ref_logp"])
+    full = run(ops.fused_ppo_loss, batch, **kw)[2]
+    part = {k: v[3:4] for k, v in batch.items()}
+    assert torch.equal(full[3:4], run(ops.fused_ppo_loss, part, **dict(kw, ref_logp=part["ref_logp"]))[2])
