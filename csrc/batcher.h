@@ -16,6 +16,10 @@ using Groups = std::vector<Group>;
 template <typename W>
 Groups kk_partition(const W* weights, int64_t n, int64_t k, bool equal_size);
 
+// Move/swap items (indices into weights) from the heaviest to the lightest group while that narrows their gap.
+template <typename W>
+void refine_groups(const W* weights, Groups& groups, bool allow_moves, int64_t max_rounds);
+
 // One list of micro-batches per rank: every rank gets the same count, none exceeds max_tokens.
 std::vector<Groups> plan_ranks(const int64_t* lengths, const Groups& ranks, int64_t max_tokens,
                                int64_t min_micro_batches);

@@ -214,6 +214,16 @@ Groups kk_partition(const W* w, int64_t n, int64_t k, bool equal_size) {
     return groups;
 }
 
+template <typename W>
+void refine_groups(const W* w, Groups& groups, bool allow_moves, int64_t max_rounds) {
+    std::vector<W> sums(groups.size(), W(0));
+    for (size_t g = 0; g < groups.size(); ++g) {
+        for (int64_t x : groups[g]) sums[g] = sums[g] + w[x];
+    }
+    refine(w, groups, sums, allow_moves, max_rounds);
+}
+
+template void refine_groups<int64_t>(const int64_t*, Groups&, bool, int64_t);
 template Groups kk_partition<int64_t>(const int64_t*, int64_t, int64_t, bool);
 template Groups kk_partition<double>(const double*, int64_t, int64_t, bool);
 

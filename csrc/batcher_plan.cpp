@@ -84,17 +84,21 @@ Groups first_fit_decreasing(const Group& items, const int64_t* lengths, int64_t 
     return bins;
 }
 
-Groups fewest(const Group& items, const int64_t* lengths, int64_t cap) {
+// The fewest micro-batches of one rank: KK at the lower bound if it fits (from_kk), else FFD.
+Groups fewest(const Group& items, const int64_t* lengths, int64_t cap, bool& from_kk) {
+    from_kk = true;
     if (items.empty()) return {};
     const int64_t lower_bound = (tokens(items, lengths) + cap - 1) / cap;
     Groups groups = split(items, lower_bound, lengths);
     if (heaviest_group(groups, lengths) <= cap) return groups;
+    from_kk = false;
     return first_fit_decreasing(items, lengths, cap);
 }
 
-Groups spread(const Group& items, const Groups& base, int64_t count, const int64_t* lengths, int64_t cap) {
-    if (static_cast<int64_t>(base.size()) == count) return base;
+Groups spread(const Group& items, const Groups& base, bool from_kk, int64_t count, const int64_t* lengths,
+              int64_t cap) {
     if (items.empty()) return Groups(count);
+    if (from_kk && static_cast<int64_t>(base.size()) == count) return base;
     Groups groups = split(items, count, lengths);
     if (heaviest_group(groups, lengths) <= cap) return groups;
     Groups bins(base);
@@ -116,6 +120,9 @@ Groups spread(const Group& items, const Groups& base, int64_t count, const int64
         bins[heaviest] = std::move(halves[0]);
         bins.push_back(std::move(halves[1]));
     }
+    // Moves only go from the heaviest micro-batch to a lighter one, below the heaviest's old count: cap-safe.
+    refine_groups<int64_t>(lengths, bins, true, items.size());
+    for (Group& g : bins) std::sort(g.begin(), g.end());
     return bins;
 }
 
@@ -141,14 +148,17 @@ std::vector<Groups> plan_ranks(const int64_t* lengths, const Groups& ranks, int6
     int64_t n = 0;
     for (const Group& r : ranks) n += r.size();
     std::vector<Groups> bases;
+    std::vector<char> from_kk(ranks.size());
     int64_t count = min_micro_batches;
-    for (const Group& items : ranks) {
-        bases.push_back(fewest(items, lengths, max_tokens));
+    for (size_t r = 0; r < ranks.size(); ++r) {
+        bool kk = true;
+        bases.push_back(fewest(ranks[r], lengths, max_tokens, kk));
+        from_kk[r] = kk;
         count = std::max<int64_t>(count, bases.back().size());
     }
     std::vector<Groups> plan;
     for (size_t r = 0; r < ranks.size(); ++r) {
-        plan.push_back(spread(ranks[r], bases[r], count, lengths, max_tokens));
+        plan.push_back(spread(ranks[r], bases[r], from_kk[r], count, lengths, max_tokens));
         order_heaviest_first(plan.back(), lengths, n);
     }
     return plan;

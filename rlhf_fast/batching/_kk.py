@@ -53,7 +53,7 @@ def kk_partition(weights: list, k: int, equal_size: bool) -> list[list[int]]:
         return [[] for _ in range(k)]
     _, _, sums, groups = heap[0]
     groups = [list(g) for g in groups]
-    _refine(weights, groups, list(sums), allow_moves=not equal_size, max_rounds=n)
+    refine(weights, groups, list(sums), allow_moves=not equal_size, max_rounds=n)
     return [sorted(g) for g in groups]
 
 
@@ -65,7 +65,8 @@ def _union(a: list, b: list) -> list:
     return a
 
 
-def _refine(weights, groups, sums, *, allow_moves: bool, max_rounds: int) -> None:
+def refine(weights, groups, sums, *, allow_moves: bool, max_rounds: int) -> None:
+    """Move/swap items from the heaviest to the lightest group while that narrows their gap (in place)."""
     for _ in range(max_rounds):
         heavy = sums.index(max(sums))
         light = sums.index(min(sums))

@@ -6,8 +6,9 @@
    (and at least ``min_micro_batches``), so every rank runs the same number of forward/backward steps.
 3. Every rank is brought to M micro-batches: a Karmarkar-Karp split into M groups when it fits (balanced
    micro-batches), else its packing from step 2 with the heaviest splittable micro-batch halved (KK, k=2)
-   until there are M. Splitting a micro-batch that fits gives parts that fit, so the cap always holds. A
-   micro-batch is empty only when a rank has fewer sequences than M.
+   until there are M, then balanced by the move/swap refinement of ``_kk`` (it only moves tokens from the
+   heaviest micro-batch to a lighter one and never lifts the lighter one above the heaviest's old count, so
+   the cap still holds). A micro-batch is empty only when a rank has fewer sequences than M.
 4. Order: heaviest micro-batch first on every rank. Ranks step through micro-batches in lockstep (FSDP /
    ZeRO collectives per step), so the j-th micro-batches of all ranks should cost about the same; sorting
    every rank the same way lines them up. Heaviest first also reaches the activation-memory peak on the first
@@ -15,16 +16,16 @@
 """
 from __future__ import annotations
 
-from ._kk import kk_partition
+from ._kk import kk_partition, refine
 
 
 def plan(lengths: list[int], rank_weights: list, max_tokens: int, num_ranks: int, equal_size: bool,
          min_micro_batches: int) -> list[list[list[int]]]:
     ranks = kk_partition(rank_weights, num_ranks, equal_size)
     bases = [_fewest(items, lengths, max_tokens) for items in ranks]
-    count = max([len(b) for b in bases] + [min_micro_batches])
-    return [_order(_spread(items, base, count, lengths, max_tokens), lengths, len(lengths))
-            for items, base in zip(ranks, bases)]
+    count = max([len(b) for b, _ in bases] + [min_micro_batches])
+    return [_order(_spread(items, base, from_kk, count, lengths, max_tokens), lengths, len(lengths))
+            for items, (base, from_kk) in zip(ranks, bases)]
 
 
 def _split(items: list[int], k: int, lengths: list[int]) -> list[list[int]]:
@@ -47,14 +48,15 @@ def _fill_empty(groups: list[list[int]], lengths: list[int]) -> None:
         groups[empty].append(shortest)
 
 
-def _fewest(items: list[int], lengths: list[int], cap: int) -> list[list[int]]:
+def _fewest(items: list[int], lengths: list[int], cap: int):
+    """(micro-batches, whether they are a KK split) of one rank: KK at the lower bound if it fits, else FFD."""
     if not items:
-        return []
+        return [], True
     lower_bound = -(-_tokens(items, lengths) // cap)
     groups = _split(items, lower_bound, lengths)
     if max(_tokens(g, lengths) for g in groups) <= cap:
-        return groups
-    return _first_fit_decreasing(items, lengths, cap)
+        return groups, True
+    return _first_fit_decreasing(items, lengths, cap), False
 
 
 def _first_fit_decreasing(items: list[int], lengths: list[int], cap: int) -> list[list[int]]:
@@ -72,11 +74,11 @@ def _first_fit_decreasing(items: list[int], lengths: list[int], cap: int) -> lis
     return [sorted(b) for b in bins]
 
 
-def _spread(items, base, count, lengths, cap):
-    if len(base) == count:
-        return base
+def _spread(items, base, from_kk, count, lengths, cap):
     if not items:
         return [[] for _ in range(count)]
+    if from_kk and len(base) == count:
+        return base
     groups = _split(items, count, lengths)
     if max(_tokens(g, lengths) for g in groups) <= cap:
         return groups
@@ -90,7 +92,8 @@ def _spread(items, base, count, lengths, cap):
         first, second = _split(bins[heaviest], 2, lengths)
         bins[heaviest] = first
         bins.append(second)
-    return bins
+    refine(lengths, bins, [_tokens(b, lengths) for b in bins], allow_moves=True, max_rounds=len(items))
+    return [sorted(b) for b in bins]
 
 
 def _order(micro_batches, lengths, sentinel):
