@@ -233,8 +233,8 @@ class _FusedPPOLossFunction(torch.autograd.Function):
     def backward(ctx, g_loss, _g_stats):
         if ctx.inplace_grad:
             (grad,) = ctx.saved_tensors
-            if not torch.equal(g_loss, torch.ones_like(g_loss)):  # one tiny sync; avoids a pass in the usual case
-                launch_scale_rows(grad, g_loss.float().contiguous(), t_inner=ctx.steps)
+            # Rescales only when the upstream gradient is not 1, decided on the device (no sync).
+            launch_scale_rows(grad, g_loss.float().contiguous(), t_inner=ctx.steps)
             return grad, None, None, None, None
         logits3, labels, lse, ent, g_logp, g_ent = ctx.saved_tensors
         grad = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
