@@ -6,4 +6,15 @@ loaded on first use so that ``import rlhf_fast`` stays cheap.
 from . import ops
 from ._version import __version__
 
-__all__ = ["__version__", "ops"]
+_TRAINER_EXPORTS = ("PPOConfig", "PPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer")
+
+__all__ = ["__version__", "ops", *_TRAINER_EXPORTS]
+
+
+def __getattr__(name):
+    # Trainers import transformers: load them on first access only.
+    if name in _TRAINER_EXPORTS:
+        from . import trainers
+
+        return getattr(trainers, name)
+    raise AttributeError(f"module 'rlhf_fast' has no attribute {name!r}")

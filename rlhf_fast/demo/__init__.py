@@ -1,0 +1,1 @@
+"""The built-in offline demo of the whole RLHF pipeline (``rlhf-fast demo``)."""

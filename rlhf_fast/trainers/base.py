@@ -1,0 +1,119 @@
+"""What the three trainers share: device, seeding, AdamW + schedule, autocast, logging and checkpoints."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainingConfig
+from .metrics import MetricsLogger, plot_metrics
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class BaseTrainer:
+    """Subclasses set ``self.models`` (name -> module to train and checkpoint) and implement ``train``."""
+
+    def __init__(self, args: TrainingConfig, processing_class):
+        if not isinstance(args, TrainingConfig):
+            raise TypeError(f"args: expected a {TrainingConfig.__name__} subclass, got {type(args).__name__}")
+        if processing_class is None:
+            raise ValueError("processing_class: a tokenizer is required")
+        self.args = args
+        self.tokenizer = processing_class
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.global_step = 0
+        self.models: dict[str, torch.nn.Module] = {}
+        seed_everything(args.seed)
+        self.logger = MetricsLogger(args.output_dir, report_to=args.report_to)
+
+    # ---- optimisation -------------------------------------------------------------------------------------
+    def create_optimizer_and_scheduler(self, parameters: Iterable[torch.nn.Parameter], num_training_steps: int):
+        from transformers import get_scheduler
+
+        args = self.args
+        decay, no_decay = [], []
+        for p in parameters:
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)  # no weight decay on norms and biases
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+        )
+        warmup = args.warmup_steps if args.warmup_steps > 0 else int(round(args.warmup_ratio * num_training_steps))
+        self.scheduler = get_scheduler(args.lr_scheduler_type, self.optimizer, num_warmup_steps=warmup,
+                                       num_training_steps=max(1, num_training_steps))
+        self.num_training_steps = num_training_steps
+
+    def optimizer_step(self, parameters: list[torch.nn.Parameter]) -> float:
+        """Clip, step, schedule, zero; returns the pre-clip gradient norm."""
+        if self.args.max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, self.args.max_grad_norm)
+        else:
+            norm = torch.norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def autocast(self):
+        """bf16 autocast on CUDA when ``args.bf16``; a no-op on CPU (CPU bf16 matmuls are slow and lossy)."""
+        if self.device.type == "cuda" and self.args.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def progress(self, total: int, initial: int, description: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=description, disable=self.args.disable_tqdm,
+                    dynamic_ncols=True, leave=False)
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def checkpoint_extra(self) -> dict:
+        """Trainer-specific state to checkpoint beside optimizer / scheduler / RNG (subclasses extend)."""
+        return {"history": list(self.logger.history)}
+
+    def restore_extra(self, extra: dict) -> None:
+        self.logger.history = list(extra.get("history", []))
+
+    def save_checkpoint(self, path: str | None = None) -> str:
+        path = path or os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
+        return save_checkpoint(path, models=self.models, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                               scheduler=self.scheduler, step=self.global_step, extra=self.checkpoint_extra())
+
+    def maybe_resume(self) -> None:
+        if not self.args.resume_from:
+            return
+        state = load_checkpoint(self.args.resume_from, models=self.models, optimizer=self.optimizer,
+                                scheduler=self.scheduler)
+        self.global_step = int(state["step"])
+        self.restore_extra(state["extra"])
+
+    def maybe_save(self) -> None:
+        if self.args.save_steps and self.global_step % self.args.save_steps == 0:
+            self.save_checkpoint()
+
+    def finish(self, name: str) -> None:
+        """Final save (``{output_dir}/final``), plots, and closing the metric sinks."""
+        if self.args.save_final:
+            self.save_checkpoint(os.path.join(self.args.output_dir, "final"))
+        if self.args.plot:
+            plot_metrics(self.logger.history, os.path.join(self.args.output_dir, f"{name}_metrics.png"), title=name)
+        self.logger.close()
+
+    def log(self, metrics: dict) -> dict:
+        return self.logger.log(metrics, self.global_step)
+
+
+def model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.parameters())
+    return parameter.device, parameter.dtype

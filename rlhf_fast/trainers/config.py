@@ -1,0 +1,164 @@
+"""Dataclass configs of the SFT, reward-model and PPO trainers.
+
+Field names follow TRL / ``transformers.TrainingArguments`` where a name exists there, so that a TRL config
+ports by changing the import. Every field is documented in docs/trainers.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class TrainingConfig:
+    """What every trainer shares: optimisation, schedule, logging and checkpoints."""
+
+    output_dir: str = "rlhf_fast_out"
+    seed: int = 0
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    lr_scheduler_type: str = "linear"  # any name transformers.get_scheduler takes
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0  # wins over warmup_ratio when > 0
+    max_grad_norm: Optional[float] = 1.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512  # longer examples are truncated from the right
+    logging_steps: int = 1
+    save_steps: int = 0  # 0: save only at the end
+    save_final: bool = True
+    resume_from: Optional[str] = None  # a checkpoint directory written by save_checkpoint
+    bf16: bool = True  # autocast to bfloat16, only ever on CUDA
+    report_to: list = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    plot: bool = True  # PNG plots of the logged metrics at the end (needs matplotlib)
+    disable_tqdm: bool = False
+    device: Optional[str] = None  # default: cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                        "gradient_accumulation_steps", "max_length", "logging_steps")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio: expected a value in [0, 1], got {self.warmup_ratio}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainingConfig":
+        """Build from a plain dict (a YAML file), refusing unknown keys with a did-you-mean hint."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                hint = difflib.get_close_matches(key, names, n=1)
+                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+                raise ValueError(f"{source}: unknown {cls.__name__} key {key!r}{suggestion}; "
+                                 f"valid keys: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    """Causal-LM fine-tuning on ``{prompt, completion}``; the loss counts completion tokens only."""
+
+    learning_rate: float = 2e-5
+    completion_only_loss: bool = True
+
+
+@dataclass
+class RewardConfig(TrainingConfig):
+    """Bradley-Terry reward model on ``{prompt, chosen, rejected}`` (optional ``margin`` field per pair)."""
+
+    learning_rate: float = 1e-5
+    center_rewards_coefficient: Optional[float] = None  # adds coef * mean((r_c + r_r)^2) (Eisenstein et al.)
+    eval_steps: int = 0  # 0: evaluate at the end only
+
+
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
+KL_PENALTY_MODES = ("reward", "loss")
+
+
+@dataclass
+class PPOConfig(TrainingConfig):
+    """PPO (or GRPO / RLOO) on ``{prompt}`` with a reward model or a Python reward function.
+
+    One PPO step = generate ``per_device_train_batch_size * num_generations`` responses, score them, then
+    ``num_ppo_epochs`` passes over them in ``num_mini_batches`` optimizer steps each.
+    """
+
+    learning_rate: float = 1e-6
+    max_steps: int = 100  # PPO steps (rollout + update); PPO counts steps, not epochs
+    # generation
+    response_length: int = 53  # max new tokens
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token: Optional[str] = "eos"  # stop at the tokenizer's EOS; None: always generate response_length
+    missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses that never stop
+    num_generations: int = 1  # samples per prompt (>= 2 for grpo / rloo)
+    # advantages and KL
+    advantage_estimator: str = "gae"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    whiten_rewards: bool = False
+    kl_coef: float = 0.05
+    kl_penalty: str = "reward"  # "reward": k1 penalty in the per-token reward; "loss": kl_estimator in the loss
+    kl_estimator: str = "k3"  # for kl_penalty="loss"
+    target_kl: Optional[float] = None  # adaptive KL controller (Ziegler et al.) when set
+    kl_horizon: int = 10000
+    # update
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    cliprange: float = 0.2
+    cliprange_high: Optional[float] = None
+    dual_clip: Optional[float] = None
+    cliprange_value: Optional[float] = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    # memory / speed
+    max_tokens_per_micro_batch: int = 4096  # token budget of each forward pass (rollout scoring and training)
+    logprobs_from_hidden: bool = False  # fused_linear_ppo_loss on hidden states: never builds the logits
+    eval_steps: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, "response_length", "temperature", "num_generations", "num_ppo_epochs",
+                        "num_mini_batches", "max_tokens_per_micro_batch")
+        _check_choice(self, "advantage_estimator", ADVANTAGE_ESTIMATORS)
+        _check_choice(self, "kl_penalty", KL_PENALTY_MODES)
+        _check_choice(self, "kl_estimator", ("k1", "k2", "k3"))
+        if self.advantage_estimator in ("grpo", "rloo") and self.num_generations < 2:
+            raise ValueError(f"advantage_estimator={self.advantage_estimator!r} needs num_generations >= 2, "
+                             f"got {self.num_generations}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p}")
+        if self.kl_coef < 0:
+            raise ValueError(f"kl_coef: expected >= 0, got {self.kl_coef}")
+        batch = self.per_device_train_batch_size * self.num_generations
+        if batch % self.num_mini_batches:
+            raise ValueError(f"num_mini_batches={self.num_mini_batches} must divide the rollout batch "
+                             f"per_device_train_batch_size * num_generations = {batch}")
+
+
+def _check_positive(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if not value > 0:
+            raise ValueError(f"{name}: expected a positive value, got {value!r}")
+
+
+def _check_choice(config, name: str, choices) -> None:
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")

@@ -1,0 +1,43 @@
+"""Scalar heads: per-token values and last-token rewards from a sequence-classification style model.
+
+A reward or value model is a ``transformers`` ``*ForSequenceClassification`` model with one label (or any model
+with a ``base_model_prefix`` body and a ``score`` / ``v_head`` linear head). Its pooled forward only gives the
+last-token logit, so the trainers run the body and the head themselves to get a scalar for every token.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _head(model):
+    for name in ("score", "v_head", "value_head", "classifier"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise ValueError(f"{type(model).__name__}: expected a scalar head named score, v_head or value_head "
+                     "(use a *ForSequenceClassification model with num_labels=1)")
+
+
+def scalar_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` float32 scalar output of the head at every position."""
+    body = getattr(model, model.base_model_prefix, None)
+    if body is None:
+        raise ValueError(f"{type(model).__name__}: no body under base_model_prefix={model.base_model_prefix!r}")
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    out = _head(model)(hidden)
+    if out.shape[-1] != 1:
+        raise ValueError(f"{type(model).__name__}: the scalar head has {out.shape[-1]} outputs, expected 1 "
+                         "(create the model with num_labels=1)")
+    return out.squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token of each right-padded row."""
+    return attention_mask.long().sum(-1) - 1
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` float32 score of each right-padded sequence: the head's output on its last token."""
+    values = scalar_per_token(model, input_ids, attention_mask)
+    rows = torch.arange(values.shape[0], device=values.device)
+    return values[rows, last_token_index(attention_mask)]

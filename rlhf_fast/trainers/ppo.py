@@ -1,0 +1,323 @@
+"""PPO (and the critic-free GRPO / RLOO) for ``transformers`` causal LMs.
+
+One step: sample responses (``generate``), score them (old / reference log-probs, values and the reward in
+token-budgeted micro-batches), turn scores into advantages (GAE with a critic, or group baselines), then
+``num_ppo_epochs`` passes of ``num_mini_batches`` optimizer steps with the clipped losses of ``rlhf_fast.ops``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .. import ops
+from .base import BaseTrainer
+from .config import PPOConfig
+from .data import check_dataset, encode_prompt, pad_right, pad_token_id
+from .metrics import plot_metrics
+from .heads import scalar_per_token, sequence_scores
+from .rollout import Generation, generate, per_token_in_micro_batches, response_mask, token_logprobs
+
+RewardFunction = Callable[[list, list], Sequence[float]]  # (prompts, completions) -> one score per completion
+
+
+class PPOTrainer(BaseTrainer):
+    """``PPOTrainer(args=PPOConfig(...), processing_class=tok, model=policy, ref_model=None, reward_model=rm,
+    value_model=critic, train_dataset=[{"prompt"}, ...]).train()``
+
+    ``reward_model`` is a sequence-classification model (scored on the last response token) or a Python
+    function ``f(prompts, completions) -> list[float]``. ``ref_model`` defaults to a frozen copy of ``model``;
+    ``value_model`` (GAE only) defaults to a copy of ``reward_model`` when that is a model. ``callbacks`` are
+    called after each rollout as ``cb(trainer, prompts, completions) -> dict`` and their metrics are logged.
+    """
+
+    def __init__(self, args: PPOConfig | None = None, processing_class=None, model=None, ref_model=None,
+                 reward_model=None, train_dataset=None, value_model=None, eval_dataset=None,
+                 callbacks: Optional[list] = None):
+        super().__init__(args or PPOConfig(), processing_class)
+        args = self.args
+        if model is None:
+            raise ValueError("model: a causal LM policy is required")
+        if reward_model is None:
+            raise ValueError("reward_model: a reward model or a function (prompts, completions) -> scores is required")
+        self.policy = model.to(self.device)
+        self.ref_model = (ref_model if ref_model is not None else copy.deepcopy(model)).to(self.device).eval()
+        self.ref_model.requires_grad_(False)
+        self.reward_model = reward_model
+        if isinstance(reward_model, torch.nn.Module):
+            reward_model.to(self.device).eval().requires_grad_(False)
+        elif not callable(reward_model):
+            raise TypeError(f"reward_model: expected a model or a callable, got {type(reward_model).__name__}")
+        self.value_model = None
+        if args.advantage_estimator == "gae":
+            if value_model is None:
+                if not isinstance(reward_model, torch.nn.Module):
+                    raise ValueError("value_model: advantage_estimator='gae' needs a critic; pass value_model "
+                                     "(a *ForSequenceClassification model) or use 'grpo' / 'rloo'")
+                value_model = copy.deepcopy(reward_model)  # initialise the critic from the reward model
+            self.value_model = value_model.to(self.device).requires_grad_(True)
+        self.models = {"model": self.policy, **({"value_model": self.value_model} if self.value_model is not None else {})}
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.eos_id = self.tokenizer.eos_token_id if args.stop_token == "eos" else None
+        dataset = check_dataset(train_dataset, "ppo", "train_dataset")
+        self.prompts = [r["prompt"] for r in dataset]
+        self.prompt_ids = [encode_prompt(self.tokenizer, p)[-args.max_length:] for p in self.prompts]
+        self.eval_prompts = [r["prompt"] for r in check_dataset(eval_dataset, "ppo", "eval_dataset")] \
+            if eval_dataset is not None else None
+        self.callbacks = list(callbacks or [])
+        self.kl_coef = args.kl_coef
+        self.trainable = [p for m in self.models.values() for p in m.parameters() if p.requires_grad]
+        optimizer_steps = args.max_steps * args.num_ppo_epochs * args.num_mini_batches
+        self.create_optimizer_and_scheduler(self.trainable, optimizer_steps)
+        self.num_ppo_steps = args.max_steps
+        self.maybe_resume()
+
+    # ---- state ------------------------------------------------------------------------------------------------
+    def checkpoint_extra(self) -> dict:
+        return {**super().checkpoint_extra(), "kl_coef": self.kl_coef}
+
+    def restore_extra(self, extra: dict) -> None:
+        super().restore_extra(extra)
+        self.kl_coef = extra.get("kl_coef", self.kl_coef)
+
+    def _prompt_batch(self, step: int) -> list[int]:
+        """Prompt indices of PPO step ``step``: a fixed function of (seed, step), so resuming is exact."""
+        size = self.args.per_device_train_batch_size
+        per_epoch = max(1, len(self.prompts) // size)
+        epoch, position = divmod(step, per_epoch)
+        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.args.seed + epoch))
+        chosen = order[position * size:(position + 1) * size].tolist()
+        while len(chosen) < size:  # fewer prompts than a batch: cycle
+            chosen += chosen[: size - len(chosen)]
+        return chosen
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def generate(self, prompts: list[str], *, do_sample: bool = True, temperature: float | None = None) -> list[str]:
+        """Completions (text) of the current policy for ``prompts`` with the rollout settings."""
+        ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        out = self._generate(ids, do_sample=do_sample, temperature=temperature)
+        return self._decode(out.response_ids)
+
+    def _generate(self, prompt_ids, *, do_sample: bool = True, temperature: float | None = None) -> Generation:
+        args = self.args
+        with self.autocast():
+            return generate(self.policy, prompt_ids, pad_id=self.pad_id, eos_id=self.eos_id,
+                            max_new_tokens=args.response_length, temperature=temperature or args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, do_sample=do_sample)
+
+    def _decode(self, responses: list[list[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+    # ---- experience -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def make_experience(self, prompt_indices: list[int]) -> dict:
+        """Sample, score and compute advantages for one PPO step."""
+        args = self.args
+        start = time.perf_counter()
+        prompt_ids = [self.prompt_ids[i] for i in prompt_indices for _ in range(args.num_generations)]
+        gen = self._generate(prompt_ids)
+        time_generate = time.perf_counter() - start
+
+        start = time.perf_counter()
+        sequences = [p + r for p, r in zip(gen.prompt_ids, gen.response_ids)]
+        prompt_lens = [len(p) for p in gen.prompt_ids]
+        response_lens = [len(r) for r in gen.response_ids]
+        ids, attention = pad_right(sequences, self.pad_id)
+        mask = response_mask(prompt_lens, response_lens, ids.shape[1] - 1)
+        budget = dict(pad_id=self.pad_id, max_tokens=args.max_tokens_per_micro_batch, device=self.device)
+
+        def logprobs_of(model):
+            def fn(i, a):
+                with self.autocast():
+                    return token_logprobs(model, i, a, temperature=args.temperature,
+                                          from_hidden=args.logprobs_from_hidden)
+            return fn
+
+        old_logp = per_token_in_micro_batches(logprobs_of(self.policy), sequences, **budget) * mask
+        ref_logp = per_token_in_micro_batches(logprobs_of(self.ref_model), sequences, **budget) * mask
+        values = None
+        if self.value_model is not None:
+            def value_fn(i, a):
+                with self.autocast():
+                    return scalar_per_token(self.value_model, i, a)[:, :-1]
+            values = per_token_in_micro_batches(value_fn, sequences, **budget) * mask
+        prompts_text = [self.prompts[i] for i in prompt_indices for _ in range(args.num_generations)]
+        completions = self._decode(gen.response_ids)
+        scores = self._score(sequences, prompts_text, completions, budget)
+        if args.missing_eos_penalty is not None and self.eos_id is not None:
+            scores = scores - args.missing_eos_penalty * (~torch.tensor(gen.stopped)).float()
+
+        kl = ops.token_kl(old_logp, ref_logp, estimator="k1") * mask  # per-token log-ratio to the reference
+        kl_in_reward = self.kl_coef if args.kl_penalty == "reward" else 0.0
+        advantages, returns = self._advantages(scores, kl, kl_in_reward, mask, values, response_lens)
+        time_score = time.perf_counter() - start
+        return dict(ids=ids, attention=attention, mask=mask, lengths=torch.tensor([len(s) for s in sequences]),
+                    old_logp=old_logp, ref_logp=ref_logp, values=values, advantages=advantages, returns=returns,
+                    scores=scores, kl=kl.sum(-1), response_lens=torch.tensor(response_lens, dtype=torch.float32),
+                    stopped=torch.tensor(gen.stopped, dtype=torch.float32), prompts=prompts_text,
+                    completions=completions, time_generate=time_generate, time_score=time_score,
+                    rlhf_reward=scores - kl_in_reward * kl.sum(-1))
+
+    def _score(self, sequences, prompts, completions, budget) -> torch.Tensor:
+        if isinstance(self.reward_model, torch.nn.Module):
+            def fn(i, a):
+                with self.autocast():
+                    return sequence_scores(self.reward_model, i, a)
+            return per_token_in_micro_batches(fn, sequences, per_sequence=True, **budget)
+        scores = self.reward_model(prompts, completions)
+        if len(scores) != len(completions):
+            raise ValueError(f"reward_model: the reward function returned {len(scores)} scores "
+                             f"for {len(completions)} completions")
+        return torch.as_tensor(list(scores), dtype=torch.float32)
+
+    def _advantages(self, scores, kl, kl_coef, mask, values, response_lens):
+        args = self.args
+        last = (mask.cumsum(-1) * mask).argmax(-1)  # position of each row's last response token
+        rows = torch.arange(len(scores))
+        if args.advantage_estimator == "gae":
+            rewards = -kl_coef * kl
+            rewards[rows, last] += scores
+            if args.whiten_rewards:
+                rewards = ops.masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = ops.gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
+        else:
+            sequence_reward = (scores - kl_coef * kl.sum(-1)).view(-1, args.num_generations)
+            if args.advantage_estimator == "grpo":  # group-normalised (Shao et al., 2024)
+                centred = sequence_reward - sequence_reward.mean(-1, keepdim=True)
+                sequence_adv = centred / (sequence_reward.std(-1, keepdim=True) + 1e-4)
+            else:  # rloo: baseline = mean of the other samples of the same prompt (Ahmadian et al., 2024)
+                others = (sequence_reward.sum(-1, keepdim=True) - sequence_reward) / (args.num_generations - 1)
+                sequence_adv = sequence_reward - others
+            advantages = sequence_adv.reshape(-1, 1) * mask
+            returns = torch.zeros_like(advantages)
+        if args.whiten_advantages and args.advantage_estimator != "grpo":
+            advantages = ops.masked_whiten(advantages, mask)
+        return advantages, returns
+
+    # ---- update -----------------------------------------------------------------------------------------------
+    def _micro_batch_loss(self, exp: dict, rows: torch.Tensor, num_tokens: float, num_seqs: int):
+        args = self.args
+        width = int(exp["lengths"][rows].max())
+        ids = exp["ids"][rows, :width].to(self.device)
+        attention = exp["attention"][rows, :width].to(self.device)
+
+        def take(name):
+            return exp[name][rows, : width - 1].to(self.device)
+
+        mask, labels = take("mask"), ids[:, 1:]
+        kl_in_loss = args.kl_penalty == "loss" and self.kl_coef > 0
+        common = dict(
+            ref_logp=take("ref_logp") if kl_in_loss else None, kl_coef=self.kl_coef if kl_in_loss else 0.0,
+            kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, temperature=args.temperature,
+            clip_low=args.cliprange, clip_high=args.cliprange_high, dual_clip=args.dual_clip, agg=args.loss_agg,
+            num_tokens=num_tokens, num_seqs=num_seqs,
+        )
+        with self.autocast():
+            if args.logprobs_from_hidden:
+                from ..modeling import hidden_and_lm_head
+
+                hidden, weight, bias = hidden_and_lm_head(self.policy, ids, attention)
+                loss, stats = ops.fused_linear_ppo_loss(hidden[:, :-1], weight, labels, take("old_logp"),
+                                                        take("advantages"), mask, bias=bias, **common)
+            else:
+                logits = self.policy(input_ids=ids, attention_mask=attention).logits[:, :-1]
+                loss, stats = ops.fused_ppo_loss(logits, labels, take("old_logp"), take("advantages"), mask,
+                                                 **common)
+            stats = {k: float(v.detach()) for k, v in stats.items()}
+            if self.value_model is not None:
+                new_values = scalar_per_token(self.value_model, ids, attention)[:, :-1]
+                vf_loss, vf_stats = ops.ppo_value_loss(new_values, take("values"), take("returns"), mask,
+                                                       clip=args.cliprange_value, agg=args.loss_agg,
+                                                       num_tokens=num_tokens, num_seqs=num_seqs)
+                stats.update(pg_loss=loss.item(), vf_loss=vf_loss.item(), vf_clip_frac=float(vf_stats["clip_frac"].detach()))
+                loss = loss + args.vf_coef * vf_loss
+            else:
+                stats["pg_loss"] = loss.item()
+        loss.backward()
+        return stats, float(mask.sum())
+
+    def update(self, exp: dict) -> dict:
+        """``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout; returns averaged stats."""
+        args = self.args
+        from .rollout import plan_micro_batches
+
+        self.policy.train()
+        if self.value_model is not None:
+            self.value_model.train()
+        batch = exp["ids"].shape[0]
+        size = batch // args.num_mini_batches
+        totals: dict[str, float] = {}
+        weight_sum, grad_norms = 0.0, []
+        for _ in range(args.num_ppo_epochs):
+            order = torch.randperm(batch)
+            for m in range(args.num_mini_batches):
+                minibatch = order[m * size:(m + 1) * size]
+                num_tokens = max(1.0, float(exp["mask"][minibatch].sum()))
+                lengths = exp["lengths"][minibatch].tolist()
+                for micro in plan_micro_batches(lengths, args.max_tokens_per_micro_batch):
+                    stats, tokens = self._micro_batch_loss(exp, minibatch[micro], num_tokens, len(minibatch))
+                    for key, value in stats.items():  # token-weighted means over micro-batches
+                        totals[key] = totals.get(key, 0.0) + value * tokens
+                    weight_sum += tokens
+                grad_norms.append(self.optimizer_step(self.trainable))
+        out = {k: v / max(1.0, weight_sum) for k, v in totals.items()}
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        return out
+
+    def _adapt_kl(self, kl: float, batch: int) -> None:
+        """Adaptive KL controller (Ziegler et al., 2019): move kl_coef so that KL tracks target_kl."""
+        if self.args.target_kl is None:
+            return
+        error = max(-0.2, min(0.2, kl / self.args.target_kl - 1.0))
+        self.kl_coef *= 1.0 + error * batch / self.args.kl_horizon
+
+    # ---- loop -------------------------------------------------------------------------------------------------
+    def step(self) -> dict:
+        """One PPO step (rollout + update); logs and returns the step's metrics."""
+        start = time.perf_counter()
+        exp = self.make_experience(self._prompt_batch(self.global_step))
+        train_start = time.perf_counter()
+        stats = self.update(exp)
+        time_train = time.perf_counter() - train_start
+        total = time.perf_counter() - start
+        kl = float(exp["kl"].mean())
+        metrics = {
+            "reward": float(exp["scores"].mean()), "reward_std": float(exp["scores"].std()),
+            "rlhf_reward": float(exp["rlhf_reward"].mean()), "kl": kl, "kl_coef": self.kl_coef,
+            "entropy": stats.get("entropy", float("nan")), "clip_frac": stats.get("clip_frac", float("nan")),
+            "approx_kl": stats.get("approx_kl", float("nan")), "pg_loss": stats["pg_loss"],
+            "response_length": float(exp["response_lens"].mean()), "eos_frac": float(exp["stopped"].mean()),
+            "grad_norm": stats["grad_norm"], "lr": self.scheduler.get_last_lr()[0],
+            "time_generate_s": exp["time_generate"], "time_score_s": exp["time_score"], "time_train_s": time_train,
+            "tokens_per_s": float(exp["lengths"].sum()) / total,
+        }
+        if self.value_model is not None:
+            metrics.update(vf_loss=stats["vf_loss"], vf_clip_frac=stats["vf_clip_frac"])
+        for callback in self.callbacks:
+            metrics.update(callback(self, exp["prompts"], exp["completions"]) or {})
+        self._adapt_kl(kl, exp["ids"].shape[0])
+        self.global_step += 1
+        self.last_experience = exp
+        return metrics
+
+    def train(self) -> list[dict]:
+        bar = self.progress(self.num_ppo_steps, self.global_step, "ppo")
+        while self.global_step < self.num_ppo_steps:
+            metrics = self.step()
+            if self.global_step % self.args.logging_steps == 0 or self.global_step == self.num_ppo_steps:
+                self.log(metrics)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
+            bar.update(1)
+            self.maybe_save()
+        bar.close()
+        self.finish("ppo")
+        return self.logger.history
+
+    def finish(self, name: str) -> None:
+        super().finish(name)
+        if self.args.plot:
+            plot_metrics(self.logger.history, os.path.join(self.args.output_dir, "ppo_reward_kl.png"),
+                         keys=["reward", "kl", "entropy", "clip_frac", "response_length"], title="PPO")

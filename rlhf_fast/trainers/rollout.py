@@ -1,0 +1,116 @@
+"""Rollouts: sampling with ``generate``, and no-grad per-token passes in token-budgeted micro-batches.
+
+Sequences stay variable-length lists until a forward pass needs them: the batcher
+(``rlhf_fast.batching.plan_micro_batches``) groups them into micro-batches of at most ``max_tokens`` padded
+tokens, each micro-batch is right-padded to its own longest row, and the per-token results are written back
+into one ``[B, T_max - 1]`` tensor in the original order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import ops
+from .data import pad_left, pad_right
+
+
+def plan_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Micro-batches (lists of indices) of at most ``max_tokens`` padded tokens, from the batcher."""
+    try:
+        from ..batching import plan_micro_batches as plan
+    except ImportError:  # the batcher is an optional build piece; keep a greedy plan as the fallback
+        plan = None
+    if plan is not None:
+        return [mb for mb in plan(lengths, max_tokens, num_ranks=1)[0] if mb]
+    if lengths and max(lengths) > max_tokens:
+        raise ValueError(f"max_tokens={max_tokens} is smaller than the longest sequence ({max(lengths)} tokens)")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    plan, current = [], []
+    for index in order:  # sorted longest first, so the first row of a micro-batch sets its padded width
+        if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
+            plan.append(current)
+            current = []
+        current.append(index)
+    return plan + ([current] if current else [])
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]  # up to and including the first stop token
+    stopped: list[bool]  # whether the response ended with the stop token
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,
+             batch_size: int = 256) -> Generation:
+    """Sample one response per prompt with ``model.generate`` (left-padded prompts, KV cache)."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    config = GenerationConfig(
+        do_sample=do_sample, temperature=temperature if do_sample else None, top_p=top_p if do_sample else None,
+        top_k=top_k if do_sample else None, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+        pad_token_id=pad_id, bos_token_id=None,
+    )
+    was_training = model.training
+    model.eval()
+    responses, stopped = [], []
+    for start in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[start:start + batch_size]
+        ids, attention = pad_left(chunk, pad_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=config)
+        for row in out[:, ids.shape[1]:].tolist():
+            if eos_id is not None and eos_id in row:
+                row = row[: row.index(eos_id) + 1]
+                stopped.append(True)
+            else:
+                stopped.append(False)
+            responses.append(row)
+    model.train(was_training)
+    return Generation(prompt_ids=list(prompt_ids), response_ids=responses, stopped=stopped)
+
+
+def response_mask(prompt_lens: list[int], response_lens: list[int], width: int) -> torch.Tensor:
+    """``[B, width]`` mask over label positions (label t+1 is predicted at t): 1 on the response tokens."""
+    mask = torch.zeros((len(prompt_lens), width), dtype=torch.float32)
+    for row, (p, r) in enumerate(zip(prompt_lens, response_lens)):
+        mask[row, p - 1:p - 1 + r] = 1.0
+    return mask
+
+
+@torch.no_grad()
+def per_token_in_micro_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                               sequences: list[list[int]], *, pad_id: int, max_tokens: int,
+                               device: torch.device, per_sequence: bool = False) -> torch.Tensor:
+    """Run ``fn(input_ids, attention_mask)`` over token-budgeted micro-batches.
+
+    ``fn`` returns ``[b, t - 1]`` per-token results (``[b]`` with ``per_sequence=True``); the output is
+    ``[B, T_max - 1]`` float32, zero beyond each row's length (``[B]`` with ``per_sequence=True``).
+    """
+    lengths = [len(s) for s in sequences]
+    width = max(lengths)
+    out = torch.zeros((len(sequences),) if per_sequence else (len(sequences), width - 1), dtype=torch.float32)
+    for micro in plan_micro_batches(lengths, max_tokens):
+        ids, attention = pad_right([sequences[i] for i in micro], pad_id)
+        result = fn(ids.to(device), attention.to(device)).float().cpu()
+        index = torch.tensor(micro)
+        if per_sequence:
+            out[index] = result
+        else:
+            out[index, : result.shape[1]] = result
+    return out
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
+                   from_hidden: bool = False) -> torch.Tensor:
+    """``[b, t - 1]`` log p(input_ids[:, 1:]) under ``model`` at ``temperature`` (through rlhf_fast.ops)."""
+    if from_hidden:
+        from ..modeling import sequence_logprobs  # fused lm_head + log-softmax: never builds the logits
+
+        return sequence_logprobs(model, input_ids, attention_mask, temperature=temperature)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    return ops.selective_log_softmax(logits, input_ids[:, 1:], temperature=temperature)

@@ -1,0 +1,107 @@
+"""Supervised fine-tuning of a causal LM on ``{prompt, completion}``, loss on the completion tokens only."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from .. import ops
+from .base import BaseTrainer
+from .config import SFTConfig
+from .data import check_dataset, encode_completion, encode_prompt, pad_right, pad_token_id
+
+
+class SFTTrainer(BaseTrainer):
+    """``SFTTrainer(model=..., args=SFTConfig(...), train_dataset=[{"prompt", "completion"}, ...],
+    processing_class=tokenizer).train()``"""
+
+    def __init__(self, model, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None):
+        super().__init__(args or SFTConfig(), processing_class)
+        self.model = model.to(self.device)
+        self.models = {"model": self.model}
+        self.train_examples = [self._encode(r) for r in check_dataset(train_dataset, "sft", "train_dataset")]
+        self.eval_examples = ([self._encode(r) for r in check_dataset(eval_dataset, "sft", "eval_dataset")]
+                              if eval_dataset is not None else None)
+        self.pad_id = pad_token_id(self.tokenizer)
+        batches_per_epoch = math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
+        self.batches_per_epoch = batches_per_epoch
+        if self.args.max_steps > 0:
+            total = self.args.max_steps
+        else:
+            total = math.ceil(self.args.num_train_epochs * batches_per_epoch / self.args.gradient_accumulation_steps)
+        self.create_optimizer_and_scheduler(self.model.parameters(), total)
+        self.maybe_resume()
+
+    def _encode(self, record) -> tuple[list[int], int]:
+        """(token ids, number of prompt tokens), truncated to max_length."""
+        prompt = encode_prompt(self.tokenizer, record["prompt"])
+        ids = (prompt + encode_completion(self.tokenizer, record["completion"]))[: self.args.max_length]
+        return ids, len(prompt)
+
+    def _micro_batch(self, index: int) -> list[tuple[list[int], int]]:
+        """The ``index``-th micro-batch of the run: a fixed function of (seed, index), so resuming is exact."""
+        size = self.args.per_device_train_batch_size
+        epoch, position = divmod(index, self.batches_per_epoch)
+        order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(self.args.seed + epoch))
+        return [self.train_examples[i] for i in order[position * size:(position + 1) * size].tolist()]
+
+    def _collate(self, examples):
+        ids, attention = pad_right([e[0] for e in examples], self.pad_id)
+        loss_mask = attention.clone()
+        if self.args.completion_only_loss:
+            for row, (_, prompt_len) in enumerate(examples):
+                loss_mask[row, :prompt_len] = 0
+        # label t+1 is predicted at position t
+        return ids.to(self.device), attention.to(self.device), loss_mask[:, 1:].to(self.device)
+
+    def compute_loss(self, examples, num_tokens: int | None = None) -> tuple[torch.Tensor, int]:
+        """Sum of completion-token NLL divided by ``num_tokens`` (default: this batch's count)."""
+        ids, attention, loss_mask = self._collate(examples)
+        with self.autocast():
+            logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        logp = ops.selective_log_softmax(logits, ids[:, 1:])
+        count = int(loss_mask.sum())
+        return -(logp * loss_mask).sum() / max(1, num_tokens or count), count
+
+    def train(self) -> list[dict]:
+        args = self.args
+        self.model.train()
+        bar = self.progress(self.num_training_steps, self.global_step, "sft")
+        while self.global_step < self.num_training_steps:
+            start = time.perf_counter()
+            first = self.global_step * args.gradient_accumulation_steps
+            batches = [self._micro_batch(first + k) for k in range(args.gradient_accumulation_steps)]
+            tokens = sum(sum(len(ids) - p for ids, p in batch) for batch in batches)
+            total_loss = 0.0
+            for batch in batches:
+                loss, _ = self.compute_loss(batch, num_tokens=tokens)
+                loss.backward()
+                total_loss += loss.item()
+            grad_norm = self.optimizer_step(list(self.model.parameters()))
+            self.global_step += 1
+            elapsed = time.perf_counter() - start
+            if self.global_step % args.logging_steps == 0 or self.global_step == self.num_training_steps:
+                record = self.log({"loss": total_loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
+                                   "tokens_per_s": tokens / elapsed})
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+            bar.update(1)
+            self.maybe_save()
+        bar.close()
+        if self.eval_examples is not None:
+            self.log({"eval_loss": self.evaluate()})
+        self.finish("sft")
+        return self.logger.history
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean completion-token NLL over ``eval_dataset``."""
+        self.model.eval()
+        size = self.args.per_device_eval_batch_size
+        total, count = 0.0, 0
+        for start in range(0, len(self.eval_examples), size):
+            loss, tokens = self.compute_loss(self.eval_examples[start:start + size], num_tokens=1)
+            total, count = total + float(loss), count + tokens
+        self.model.train()
+        return total / max(1, count)
