@@ -113,10 +113,10 @@ def test_every_agg_mode_all_features(agg, inplace_grad):
     assert got[2].abs().sum() > 0
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-def test_kl_estimators(estimator):
+@pytest.mark.parametrize("estimator,kl_coef", [("k1", 0.5), ("k2", 0.5), ("k3", 0.5), ("k3", 0.0)])
+def test_kl_estimators(estimator, kl_coef):
     batch = make_batch(seed=2, temperature=1.0)
-    kw = dict(ref_logp=batch["ref_logp"], kl_coef=0.5, kl_estimator=estimator, is_weights=None)
+    kw = dict(ref_logp=batch["ref_logp"], kl_coef=kl_coef, kl_estimator=estimator, is_weights=None)
     check(run(ops.fused_ppo_loss, batch, **kw), reference(batch, **kw))
 
 
@@ -200,6 +200,27 @@ def test_fp16_logits_loose(tol):
           grad_tol=tol(torch.float16))
 
 
+@pytest.mark.parametrize("inplace_grad", [True, False])
+def test_sliced_logits_view(inplace_grad):
+    """The usual call: logits[:, :-1] of a model output (a strided view), gradient flowing back through the slice."""
+    batch = make_batch(rows=2, steps=6, seed=16)
+    full = batch["logits"].detach().clone().requires_grad_(True)
+    args = {k: v[:, :-1] for k, v in batch.items() if k != "logits"}
+    kw = dict(FULL, ref_logp=args.pop("ref_logp"), is_weights=args.pop("is_weights"))
+    loss, stats = ops.fused_ppo_loss(full[:, :-1], args["labels"], args["old_logp"], args["advantages"],
+                                     args["mask"], inplace_grad=inplace_grad, **kw)
+    (0.5 * loss).backward()
+    ref_full = batch["logits"].detach().clone().requires_grad_(True)
+    r_loss, r_stats = ref.fused_ppo_loss(ref_full[:, :-1], args["labels"], args["old_logp"], args["advantages"],
+                                         args["mask"], **kw)
+    (0.5 * r_loss).backward()
+    torch.testing.assert_close(loss, r_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full.grad, ref_full.grad, atol=1e-6, rtol=1e-5)
+    assert (full.grad[:, -1] == 0).all()
+    if not inplace_grad:
+        assert torch.equal(full.detach(), batch["logits"])
+
+
 def test_inplace_grad_false_leaves_logits_untouched():
     batch = make_batch(seed=12)
     before = batch["logits"].clone()
@@ -280,6 +301,24 @@ def test_gpu_bf16_realistic(inplace_grad, tol):
     got = run(ops.fused_ppo_loss, batch, 0.5, inplace_grad=inplace_grad, **kw)
     want = reference(batch, 0.5, **kw)
     check(got, want, dtype=torch.bfloat16, grad_tol=tol(torch.bfloat16), loss_tol=(1e-4, 1e-4))
+
+
+@pytest.mark.gpu
+def test_gpu_odd_vocab_and_misaligned_slices_are_bitwise_invariant():
+    """V not a multiple of 16: rows start at every alignment, so a one-row slice gets a different specialisation
+    of the kernel than the full batch; the reduction order must not change with it."""
+    batch = make_batch(rows=6, steps=8, vocab=32003, dtype=torch.bfloat16, seed=22, device="cuda")
+    kw = dict(FULL, agg="token-sum", ref_logp=batch["ref_logp"])
+    full = run(ops.fused_ppo_loss, batch, **kw)[2]
+    for r in (1, 3):
+        part = {k: v[r:r + 1] for k, v in batch.items()}
+        assert torch.equal(full[r:r + 1], run(ops.fused_ppo_loss, part, **dict(kw, ref_logp=part["ref_logp"]))[2])
+    logits, labels = batch["logits"].view(-1, 32003), batch["labels"].view(-1)
+    with torch.no_grad():
+        whole = ops.logprobs_and_entropy(logits, labels)
+        for i in (1, 5, 13):
+            one = ops.logprobs_and_entropy(logits[i:i + 1], labels[i:i + 1])
+            assert all(torch.equal(a[i:i + 1], b) for a, b in zip(whole, one))
 
 
 @pytest.mark.gpu
