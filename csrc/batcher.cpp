@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -163,6 +164,25 @@ py::array concat(const py::list& arrays, const py::dtype& dtype) {
     return out;
 }
 
+template <typename T>
+void fill_typed(char* dst, int64_t count, const char* value) {
+    T v;
+    std::memcpy(&v, value, sizeof(T));
+    std::fill(reinterpret_cast<T*>(dst), reinterpret_cast<T*>(dst) + count, v);
+}
+
+// count copies of one item of the given size (typed fills for the common sizes: they vectorise).
+void fill_items(char* dst, int64_t count, const char* value, size_t item) {
+    switch (item) {
+        case 1: std::memset(dst, *value, count); return;
+        case 2: fill_typed<uint16_t>(dst, count, value); return;
+        case 4: fill_typed<uint32_t>(dst, count, value); return;
+        case 8: fill_typed<uint64_t>(dst, count, value); return;
+        default:
+            for (int64_t t = 0; t < count; ++t) std::memcpy(dst + t * item, value, item);
+    }
+}
+
 py::array pad_rows(const py::list& arrays, const py::dtype& dtype, int64_t width, const py::array& fill,
                    bool left) {
     const Sources s = gather_sources(arrays, dtype);
@@ -182,15 +202,13 @@ py::array pad_rows(const py::list& arrays, const py::dtype& dtype, int64_t width
     const size_t item = dtype.itemsize();
     {
         py::gil_scoped_release release;
-        std::vector<char> pad_row(width * item);
-        for (int64_t t = 0; t < width; ++t) std::memcpy(pad_row.data() + t * item, pad, item);
         const size_t row_bytes = width * item;
         for (int64_t r = 0; r < rows; ++r) {
             char* row = dst + r * row_bytes;
-            const size_t used = s.count[r] * item;
-            const size_t start = left ? row_bytes - used : 0;
-            std::memcpy(row + (left ? 0 : used), pad_row.data(), row_bytes - used);
-            std::memcpy(row + start, s.data[r], used);
+            const int64_t used = s.count[r];
+            const int64_t start = left ? width - used : 0;
+            fill_items(row + (left ? 0 : used * item), width - used, pad, item);
+            std::memcpy(row + start * item, s.data[r], used * item);
         }
     }
     return out;

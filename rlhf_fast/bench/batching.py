@@ -1,0 +1,63 @@
+"""Rollout batcher: the C++ path (rlhf_fast._C) against the pure-Python fallback, on the same inputs (CPU).
+
+Cases (full size; ``quick`` shrinks them):
+- ``balanced_partition``: 16,384 lengths uniform in [1, 8192] into 128 groups (Karmarkar-Karp + refinement).
+- ``plan_micro_batches``: 4,096 rollouts of 1..8,192 tokens onto 8 ranks, at most 32,768 tokens a micro-batch.
+- ``pack_micro_batches`` / ``pad_micro_batches``: every micro-batch of that plan packed (input_ids,
+  position_ids, cu_seqlens, one float32 per-token field) or right-padded with an attention mask.
+- ``plan_and_pack``: the plan followed by packing every micro-batch, as a trainer step does.
+The Python fallback is the baseline; the speedup column is python_ms / cpp_ms.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..batching import balanced_partition, pack, pad, plan_micro_batches
+from ..batching._backend import native_batcher
+
+
+def run(bench) -> None:
+    if native_batcher() is None:
+        print("  rlhf_fast._C was built without the batcher: nothing to compare")
+        return
+    rng = np.random.default_rng(0)
+    items, groups = (2048, 16) if bench.quick else (16384, 128)
+    lengths = rng.integers(1, 8193, size=items)
+    shape = f"n={items} k={groups}"
+    for backend in ("python", "cpp"):
+        bench.measure("balanced_partition", backend, shape, "int64",
+                      lambda b=backend: balanced_partition(lengths, groups, backend=b), baseline=backend == "python")
+
+    rollouts, ranks, cap = (512, 4, 16384) if bench.quick else (4096, 8, 32768)
+    lengths = rng.integers(1, 8193, size=rollouts)
+    ids = [rng.integers(0, 150_000, size=n) for n in lengths]
+    logprobs = [rng.standard_normal(n).astype(np.float32) for n in lengths]
+    tokens = int(lengths.sum())
+    shape = f"n={rollouts} ranks={ranks} cap={cap}"
+    plan = plan_micro_batches(lengths, cap, num_ranks=ranks)
+    # Bytes written by a pack: int64 ids + int64 positions + float32 field (+ what is read: ids and field).
+    pack_bytes = tokens * (8 + 8 + 4) + tokens * (8 + 4)
+
+    def pack_all(plan, backend):
+        for rank in plan:
+            for mb in rank:
+                pack(ids, indices=mb, fields={"old_logprobs": logprobs}, backend=backend)
+
+    def pad_all(plan, backend):
+        for rank in plan:
+            for mb in rank:
+                pad(ids, indices=mb, fields={"old_logprobs": logprobs}, backend=backend)
+
+    def plan_and_pack(backend):
+        pack_all(plan_micro_batches(lengths, cap, num_ranks=ranks, backend=backend), backend)
+
+    for backend in ("python", "cpp"):
+        base = backend == "python"
+        bench.measure("plan_micro_batches", backend, shape, "int64",
+                      lambda b=backend: plan_micro_batches(lengths, cap, num_ranks=ranks, backend=b), baseline=base)
+        bench.measure("pack_micro_batches", backend, shape, "int64+fp32", lambda b=backend: pack_all(plan, b),
+                      bytes_moved=pack_bytes, baseline=base)
+        bench.measure("pad_micro_batches", backend, shape, "int64+fp32", lambda b=backend: pad_all(plan, b),
+                      baseline=base)
+        bench.measure("plan_and_pack", backend, shape, "int64+fp32", lambda b=backend: plan_and_pack(b),
+                      baseline=base)
