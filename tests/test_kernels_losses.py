@@ -151,6 +151,20 @@ def test_policy_loss_empty_batch_is_zero(backend):
         assert all(v.item() == 0.0 for v in stats.values())
 
 
+def test_losses_on_empty_tensors(backend):
+    # Called on the kernels directly: rlhf_fast.ops cannot fold a [3, 0] tensor into rows (reshape(-1, 0)).
+    from rlhf_fast.kernels import losses as kl
+
+    for shape in [(0, 5), (3, 0)]:
+        x = torch.zeros(shape, device=DEVICE, requires_grad=True)
+        mask = torch.ones(shape, dtype=torch.bool, device=DEVICE)
+        loss, stats = kl.ppo_policy_loss(x, x.detach(), x.detach(), mask)
+        vloss, vstats = kl.ppo_value_loss(x, x.detach(), x.detach(), mask)
+        (grad,) = torch.autograd.grad(loss + vloss, x)
+        assert loss.item() == 0.0 and vloss.item() == 0.0 and grad.shape == shape
+        assert all(v.item() == 0.0 for v in (*stats.values(), *vstats.values()))
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_policy_loss_masked_garbage_does_not_leak(backend):
     logp, old, adv, mask, _ = _policy_inputs(rows=3, steps=9)

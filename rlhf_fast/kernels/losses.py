@@ -205,7 +205,7 @@ class _PolicyLoss(torch.autograd.Function):
         P = grid_r * grid_t
         device = logp.device
         store_grad = logp.requires_grad
-        partials = torch.empty((NSTAT, max(P, 1)), dtype=torch.float32, device=device)
+        partials = (torch.empty if P else torch.zeros)((NSTAT, max(P, 1)), dtype=torch.float32, device=device)
         gfac = torch.empty((R, T), dtype=torch.float32, device=device) if store_grad else weights
         if P:
             isw = is_weights if is_weights is not None else logp
@@ -238,7 +238,7 @@ class _ValueLoss(torch.autograd.Function):
         P = grid_r * grid_t
         device = values.device
         store_grad = values.requires_grad
-        partials = torch.empty((NSTAT, max(P, 1)), dtype=torch.float32, device=device)
+        partials = (torch.empty if P else torch.zeros)((NSTAT, max(P, 1)), dtype=torch.float32, device=device)
         gfac = torch.empty((R, T), dtype=torch.float32, device=device) if store_grad else weights
         if P:
             _value_fwd_kernel[(grid_r, grid_t)](
@@ -280,7 +280,11 @@ def ppo_policy_loss(
     num_seqs=None,
     loss_scale=None,
 ) -> tuple[torch.Tensor, dict]:
-    """Triton clipped PPO policy loss on ``[R, T]`` tensors (``advantages`` ``[R, T]`` or ``[R]``)."""
+    """Triton clipped PPO policy loss on ``[R, T]`` tensors (``advantages`` ``[R, T]`` or ``[R]``).
+
+    Differentiable with respect to ``logp`` only (as shared/API.md specifies): ``old_logp``, ``advantages`` and
+    ``is_weights`` are treated as constants even if they require grad.
+    """
     clip_high = clip_low if clip_high is None else clip_high
     if logp.dim() != 2:
         raise ValueError(f"logp: expected a 2-d tensor [R, T], got shape {tuple(logp.shape)}")
@@ -311,7 +315,10 @@ def ppo_value_loss(
     num_seqs=None,
     loss_scale=None,
 ) -> tuple[torch.Tensor, dict]:
-    """Triton clipped value loss on ``[R, T]`` tensors; ``clip=None`` disables clipping."""
+    """Triton clipped value loss on ``[R, T]`` tensors; ``clip=None`` disables clipping.
+
+    Differentiable with respect to ``values`` only; ``old_values`` and ``returns`` are constants.
+    """
     if values.dim() != 2:
         raise ValueError(f"values: expected a 2-d tensor [R, T], got shape {tuple(values.shape)}")
     for name, t in (("old_values", old_values), ("returns", returns), ("mask", mask)):
