@@ -147,7 +147,7 @@ class Bench:
         self.rows.append(Row(op, provider, shape, dtype, metric, float(value)))
 
     # ---- output -------------------------------------------------------------------------------------------
-    def write(self, out_dir: str, stem: str = "results") -> dict:
+    def write(self, out_dir: str, stem: str = "results", plots: bool = True) -> dict:
         os.makedirs(out_dir, exist_ok=True)
         paths = {
             "csv": os.path.join(out_dir, f"{stem}.csv"),
@@ -161,7 +161,7 @@ class Bench:
                 writer.writerow([r.op, r.provider, r.shape, r.dtype, r.metric, f"{r.value:.6g}", device, commit])
         with open(paths["markdown"], "w") as handle:
             handle.write(self.markdown(device, commit))
-        paths["plots"] = self.plot(out_dir)
+        paths["plots"] = self.plot(out_dir) if plots else []
         return paths
 
     def _table(self):
