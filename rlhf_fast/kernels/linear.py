@@ -57,7 +57,8 @@ class LinearConfig:
     mm_block_n: int  # output columns (H) per program of the d_hidden / d_weight matmuls
     mm_block_k: int  # reduction slice of the d_hidden / d_weight matmuls
     num_warps: int = 4
-    num_stages: int = 1
+    num_stages: int = 1  # logit-tile kernels (forward, logit gradient)
+    mm_num_stages: int = 1  # d_hidden / d_weight matmuls
 
 
 def _interpreting() -> bool:
@@ -73,10 +74,15 @@ def kernel_config(hidden_size: int, vocab: int, dtype: torch.dtype, device: torc
                             mm_block_m=16, mm_block_n=32, mm_block_k=32)
     if dtype == torch.float32:
         return LinearConfig(block_n=64, block_v=64, block_k=32, tiles_per_split=32, chunk_v=4096,
-                            mm_block_m=64, mm_block_n=64, mm_block_k=32, num_warps=4, num_stages=3)
+                            mm_block_m=64, mm_block_n=64, mm_block_k=32, num_warps=4, num_stages=3,
+                            mm_num_stages=3)
+    # Chosen by compiling for sm_90 without a GPU (tests/test_kernels_linear_compile.py): 128x128 tiles with
+    # 8 warps; BLOCK_K=32 keeps the online-softmax epilogue of the logit-tile kernels free of register spills
+    # (BLOCK_K=64 spilled ~600 bytes per thread). Not yet timed on a GPU: see the benchmark notes.
     chunk_v = min(8192, triton.cdiv(vocab, 128) * 128)
-    return LinearConfig(block_n=128, block_v=128, block_k=64, tiles_per_split=16, chunk_v=chunk_v,
-                        mm_block_m=128, mm_block_n=128, mm_block_k=64, num_warps=8, num_stages=3)
+    return LinearConfig(block_n=128, block_v=128, block_k=32, tiles_per_split=16, chunk_v=chunk_v,
+                        mm_block_m=128, mm_block_n=128, mm_block_k=64, num_warps=8, num_stages=4,
+                        mm_num_stages=3)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -87,23 +93,31 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # Kernels
+#
+# Addressing: a program's first row / column is an int64 scalar folded into the base pointer; offsets inside a
+# tile are int32 (a tile spans at most BLOCK * stride elements), which keeps register pressure of the pointer
+# tensors low while [N, H] and [V, H] operands beyond 2**31 elements stay addressable.
 # --------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, stride_h, stride_w, H,
+def _logit_tile(h_blk, w_blk, b_blk, row_mask, col_mask, stride_h, stride_w, H,
                 TEMP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
-    """fp32 ``(hidden[rows] @ weight[cols].T + bias[cols]) / TEMP``; rows / cols are int64 index vectors."""
+    """fp32 ``(hidden[blk] @ weight[blk].T + bias[blk]) / TEMP`` for one [BLOCK_N, BLOCK_V] tile."""
+    r = tl.arange(0, BLOCK_N)
+    c = tl.arange(0, BLOCK_V)
+    k = tl.arange(0, BLOCK_K)
+    a_ptrs = h_blk + r[:, None] * stride_h + k[None, :]
+    b_ptrs = w_blk + c[None, :] * stride_w + k[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < H
-        a = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        b = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None],
-                    mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+        k_mask = k < H - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_blk + c, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if TEMP != 1.0:
         acc = acc / TEMP
     return acc
@@ -116,19 +130,25 @@ def _lse_partials_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_ptr, N, V, H, stride
                          DOT_PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    h_blk = h_ptr + row0 * stride_h
+    col0 = pid_s.to(tl.int64) * (TILES_PER_SPLIT * BLOCK_V)
     labels = tl.load(lab_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
+    # label position relative to the split (int32: |label - col0| < V)
+    lab_rel = tl.where(row_mask, labels - col0, -1).to(tl.int32)
+    c = tl.arange(0, BLOCK_V)
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     z_label = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    first_col = pid_s.to(tl.int64) * (TILES_PER_SPLIT * BLOCK_V)
+    cols_left = V - col0
     for tile in range(0, TILES_PER_SPLIT):
-        cols = first_col + tile * BLOCK_V + tl.arange(0, BLOCK_V)
-        col_mask = cols < V
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, stride_h, stride_w, H,
-                        TEMP, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PREC)
+        first = tile * BLOCK_V
+        col_mask = c < cols_left - first
+        z = _logit_tile(h_blk, w_ptr + (col0 + first) * stride_w, b_ptr + col0 + first, row_mask, col_mask,
+                        stride_h, stride_w, H, TEMP, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PREC)
         z = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # The first tile of every split holds a valid column, so m_new is finite from the first tile on;
@@ -138,7 +158,7 @@ def _lse_partials_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, part_ptr, N, V, H, stride
         s = s * alpha + tl.sum(e, axis=1)
         t = t * alpha + tl.sum(e * tl.where(col_mask[None, :], z, 0.0), axis=1)
         m = m_new
-        z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+        z_label += tl.sum(tl.where(c[None, :] == (lab_rel - first)[:, None], z, 0.0), axis=1)
     # part layout [4, S, N]: m, s, t, label logit; plane = S * N
     base = part_ptr + pid_s.to(tl.int64) * N + rows
     tl.store(base, m, mask=row_mask)
@@ -180,20 +200,23 @@ def _lse_combine_kernel(part_ptr, lse_ptr, logp_ptr, ent_ptr, N, num_splits, pla
 
 @triton.jit
 def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, g_ptr, dbias_ptr,
-                        N, V, H, v_start, chunk_width, stride_h, stride_w, stride_g,
+                        N, H, v_start, chunk_width, stride_h, stride_w, stride_g,
                         TEMP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GLP: tl.constexpr,
                         HAS_GENT: tl.constexpr, WRITE_DBIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
-    """dz tile of one vocabulary chunk: recompute the logits, then d(g_lp*logp + g_ent*entropy)/d(logits)."""
+    """dz tile of one vocabulary chunk: recompute the logits, then d(g_lp*logp + g_ent*entropy)/d(logits).
+
+    ``w_ptr`` / ``b_ptr`` point at the chunk's first row; ``v_start`` is that row's index (labels only)."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row0 = pid_n.to(tl.int64) * BLOCK_N
+    rows = row0 + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    local = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    cols = v_start + local
-    col_mask = local < chunk_width
-    z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, stride_h, stride_w, H,
-                    TEMP, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PREC)
+    first = pid_v * BLOCK_V  # first column of the tile inside the chunk
+    c = tl.arange(0, BLOCK_V)
+    col_mask = c < chunk_width - first
+    z = _logit_tile(h_ptr + row0 * stride_h, w_ptr + first.to(tl.int64) * stride_w, b_ptr + first, row_mask,
+                    col_mask, stride_h, stride_w, H, TEMP, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, DOT_PREC)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     log_p = z - lse[:, None]
     p = tl.exp(log_p)
@@ -208,63 +231,76 @@ def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, lab_ptr, lse_ptr, ent_ptr, glp_ptr,
     dz = -p * coef
     if HAS_GLP:
         labels = tl.load(lab_ptr + rows, mask=row_mask, other=-1).to(tl.int64)
-        dz += tl.where(cols[None, :] == labels[:, None], g_lp[:, None], 0.0)
+        lab_rel = tl.where(row_mask, labels - v_start - first, -1).to(tl.int32)
+        dz += tl.where(c[None, :] == lab_rel[:, None], g_lp[:, None], 0.0)
     if TEMP != 1.0:
         dz = dz / TEMP
     valid = row_mask[:, None] & col_mask[None, :]
     dz = tl.where(valid, dz, 0.0)
-    tl.store(g_ptr + rows[:, None] * stride_g + local[None, :], dz.to(g_ptr.dtype.element_ty), mask=valid)
+    g_blk = g_ptr + row0 * stride_g + first
+    tl.store(g_blk + tl.arange(0, BLOCK_N)[:, None] * stride_g + c[None, :], dz.to(g_ptr.dtype.element_ty),
+             mask=valid)
     if WRITE_DBIAS:
         # [num_token_blocks, chunk] fp32 partial column sums, reduced over token blocks in order on the host.
-        tl.store(dbias_ptr + pid_n.to(tl.int64) * stride_g + local, tl.sum(dz, axis=0), mask=col_mask)
+        tl.store(dbias_ptr + pid_n.to(tl.int64) * stride_g + first + c, tl.sum(dz, axis=0), mask=col_mask)
 
 
 @triton.jit
-def _dhidden_kernel(g_ptr, w_ptr, dh_ptr, N, H, v_start, chunk_width, stride_g, stride_w, stride_dh,
+def _dhidden_kernel(g_ptr, w_ptr, dh_ptr, N, H, chunk_width, stride_g, stride_w, stride_dh,
                     ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
-    """fp32 d_hidden[rows, hs] (+)= dz[rows, chunk] @ weight[chunk, hs]; reduction over the chunk in order."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    hs = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < N
-    h_mask = hs < H
-    out = dh_ptr + rows[:, None] * stride_dh + hs[None, :]
+    """fp32 d_hidden[rows, hs] = dz[rows, chunk] @ weight[chunk, hs] (+ d_hidden of the earlier chunks).
+    ``w_ptr`` points at the chunk's first row."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    h0 = tl.program_id(1) * BLOCK_H
+    r = tl.arange(0, BLOCK_M)
+    hh = tl.arange(0, BLOCK_H)
+    k = tl.arange(0, BLOCK_K)
+    row_mask = r < N - row0
+    h_mask = hh < H - h0
+    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    a_ptrs = g_ptr + row0 * stride_g + r[:, None] * stride_g + k[None, :]
+    b_ptrs = w_ptr + h0 + k[:, None] * stride_w + hh[None, :]
+    for k0 in range(0, chunk_width, BLOCK_K):
+        k_mask = k < chunk_width - k0
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_mask[:, None] & h_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_w
+    # Earlier chunks' sum is added after this chunk's (fixed order; loading it before the loop would keep a
+    # [BLOCK_M, BLOCK_H] pointer tensor live across the loop and spill).
+    out = dh_ptr + row0 * stride_dh + h0 + r[:, None] * stride_dh + hh[None, :]
     out_mask = row_mask[:, None] & h_mask[None, :]
     if ACCUMULATE:
-        acc = tl.load(out, mask=out_mask, other=0.0)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
-    for k0 in range(0, chunk_width, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < chunk_width
-        vs = v_start + ks.to(tl.int64)
-        a = tl.load(g_ptr + rows[:, None] * stride_g + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
-                    other=0.0)
-        b = tl.load(w_ptr + vs[:, None] * stride_w + hs[None, :], mask=k_mask[:, None] & h_mask[None, :],
-                    other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+        acc += tl.load(out, mask=out_mask, other=0.0)
     tl.store(out, acc, mask=out_mask)
 
 
 @triton.jit
-def _dweight_kernel(g_ptr, h_ptr, dw_ptr, N, H, v_start, chunk_width, stride_g, stride_h, stride_dw,
+def _dweight_kernel(g_ptr, h_ptr, dw_ptr, N, H, chunk_width, stride_g, stride_h, stride_dw,
                     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                     DOT_PREC: tl.constexpr):
-    """d_weight[chunk rows, hs] = dz[:, chunk].T @ hidden[:, hs], summed over all tokens in fp32, cast once."""
-    local = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    hs = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
-    v_mask = local < chunk_width
-    h_mask = hs < H
+    """d_weight[chunk rows, hs] = dz[:, chunk].T @ hidden[:, hs], summed over all tokens in fp32, cast once.
+    ``dw_ptr`` points at the chunk's first row."""
+    v0 = tl.program_id(0) * BLOCK_M
+    h0 = tl.program_id(1) * BLOCK_H
+    vv = tl.arange(0, BLOCK_M)
+    hh = tl.arange(0, BLOCK_H)
+    k = tl.arange(0, BLOCK_K)
+    v_mask = vv < chunk_width - v0
+    h_mask = hh < H - h0
+    a_ptrs = g_ptr + v0 + k[None, :] * stride_g + vv[:, None]
+    b_ptrs = h_ptr + h0 + k[:, None] * stride_h + hh[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_K):
-        ns = (n0 + tl.arange(0, BLOCK_K)).to(tl.int64)
-        n_mask = ns < N
-        a = tl.load(g_ptr + ns[None, :] * stride_g + local[:, None], mask=v_mask[:, None] & n_mask[None, :],
-                    other=0.0)
-        b = tl.load(h_ptr + ns[:, None] * stride_h + hs[None, :], mask=n_mask[:, None] & h_mask[None, :],
-                    other=0.0)
+        n_mask = k < N - n0
+        a = tl.load(a_ptrs, mask=v_mask[:, None] & n_mask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=n_mask[:, None] & h_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-    out = dw_ptr + (v_start + local)[:, None] * stride_dw + hs[None, :]
+        a_ptrs += BLOCK_K * stride_g
+        b_ptrs += BLOCK_K * stride_h
+    out = dw_ptr + v0.to(tl.int64) * stride_dw + h0 + vv[:, None] * stride_dw + hh[None, :]
     tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=v_mask[:, None] & h_mask[None, :])
 
 
@@ -318,9 +354,11 @@ def _backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entrop
     dbias_part = torch.empty(token_blocks, chunk, device=dev, dtype=torch.float32) if need_bias else None
     for v_start in range(0, v, chunk):
         width = min(chunk, v - v_start)
+        w_chunk = weight[v_start : v_start + width]
+        b_chunk = bias[v_start : v_start + width] if bias is not None else hidden
         _grad_logits_kernel[(token_blocks, triton.cdiv(width, cfg.block_v))](
-            hidden, weight, bias if bias is not None else hidden, labels, lse, entropy, glp, gent, dz,
-            dbias_part if need_bias else dz, n, v, h, v_start, width, hidden.stride(0), weight.stride(0),
+            hidden, w_chunk, b_chunk, labels, lse, entropy, glp, gent, dz,
+            dbias_part if need_bias else dz, n, h, v_start, width, hidden.stride(0), weight.stride(0),
             dz.stride(0),
             TEMP=float(temperature), HAS_BIAS=bias is not None, HAS_GLP=grad_logp is not None,
             HAS_GENT=grad_entropy is not None, WRITE_DBIAS=need_bias, BLOCK_N=cfg.block_n,
@@ -329,15 +367,15 @@ def _backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entrop
         )
         if need_hidden:
             _dhidden_kernel[(triton.cdiv(n, cfg.mm_block_m), triton.cdiv(h, cfg.mm_block_n))](
-                dz, weight, d_hidden, n, h, v_start, width, dz.stride(0), weight.stride(0), d_hidden.stride(0),
+                dz, w_chunk, d_hidden, n, h, width, dz.stride(0), weight.stride(0), d_hidden.stride(0),
                 ACCUMULATE=v_start > 0, BLOCK_M=cfg.mm_block_m, BLOCK_H=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k,
-                DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.mm_num_stages,
             )
         if need_weight:
             _dweight_kernel[(triton.cdiv(width, cfg.mm_block_m), triton.cdiv(h, cfg.mm_block_n))](
-                dz, hidden, d_weight, n, h, v_start, width, dz.stride(0), hidden.stride(0), d_weight.stride(0),
-                BLOCK_M=cfg.mm_block_m, BLOCK_H=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k, DOT_PREC=prec,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                dz, hidden, d_weight[v_start : v_start + width], n, h, width, dz.stride(0), hidden.stride(0),
+                d_weight.stride(0), BLOCK_M=cfg.mm_block_m, BLOCK_H=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k,
+                DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.mm_num_stages,
             )
         if need_bias:
             # Sum over token blocks: a fixed-shape reduction, deterministic for a given N.

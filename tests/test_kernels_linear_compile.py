@@ -1,0 +1,72 @@
+"""The fused linear kernels lower through the real Triton compiler to sm_90 machine code, without a GPU.
+
+The interpreter runs kernels as numpy and accepts code the compiler rejects; this compiles every kernel of
+rlhf_fast/kernels/linear.py with the tile configuration a CUDA bf16 / fp32 call would use (kernel_config), in a
+subprocess where TRITON_INTERPRET is unset, with the bundled ptxas. It also reports the per-thread stack (register
+spills) ptxas gives each kernel, which is how the GPU tile sizes were chosen.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, subprocess, tempfile
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from rlhf_fast.kernels import linear as L
+
+    target = GPUTarget("cuda", 90, 32)
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+    def compile_one(fn, types, consts, **options):
+        signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+        constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+                           options=options)
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-res-usage", f.name],
+                               capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        line = [l.split() for l in usage.splitlines() if "REG:" in l]
+        print(fn.__name__, options, *(line[0][:2] if line else ["?"]))
+
+    for dtype, ty in ((torch.bfloat16, "*bf16"), (torch.float32, "*fp32")):
+        cfg = L.kernel_config(4096, 151936, dtype, torch.device("cuda"))
+        prec = L._dot_precision(dtype)
+        tile = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        mm = dict(num_warps=cfg.num_warps, num_stages=cfg.mm_num_stages)
+        blocks = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, DOT_PREC=prec)
+        compile_one(L._lse_partials_kernel, {"h_ptr": ty, "w_ptr": ty, "b_ptr": ty, "lab_ptr": "*i64",
+                                             "part_ptr": "*fp32", "plane": "i64"},
+                    dict(TEMP=0.7, HAS_BIAS=True, TILES_PER_SPLIT=cfg.tiles_per_split, **blocks), **tile)
+        compile_one(L._grad_logits_kernel, {"h_ptr": ty, "w_ptr": ty, "b_ptr": ty, "lab_ptr": "*i32",
+                                            "lse_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32",
+                                            "gent_ptr": "*fp32", "g_ptr": ty, "dbias_ptr": "*fp32"},
+                    dict(TEMP=0.7, HAS_BIAS=True, HAS_GLP=True, HAS_GENT=True, WRITE_DBIAS=True, **blocks), **tile)
+        mm_blocks = dict(BLOCK_M=cfg.mm_block_m, BLOCK_H=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k, DOT_PREC=prec)
+        compile_one(L._dhidden_kernel, {"g_ptr": ty, "w_ptr": ty, "dh_ptr": "*fp32"},
+                    dict(ACCUMULATE=True, **mm_blocks), **mm)
+        compile_one(L._dweight_kernel, {"g_ptr": ty, "h_ptr": ty, "dw_ptr": ty}, mm_blocks, **mm)
+    compile_one(L._lse_combine_kernel, {"part_ptr": "*fp32", "lse_ptr": "*fp32", "logp_ptr": "*fp32",
+                                        "ent_ptr": "*fp32", "plane": "i64"}, dict(BLOCK=128))
+    print("compiled")
+    """
+)
+
+
+def test_linear_kernels_compile_for_sm90():
+    triton = pytest.importorskip("triton")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's bundled ptxas is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    print(proc.stdout)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
