@@ -17,7 +17,8 @@ Backward (per vocabulary chunk of ``CHUNK_V`` columns, chunks in order)
     ``_grad_logits_kernel`` recomputes the chunk's logit tiles, forms
     ``dz = (g_logp * (onehot - p) - g_ent * p * (log p + H)) / temperature`` and writes it in the operand
     dtype to a ``[N, CHUNK_V]`` buffer (bias gradient: per-token-block column sums in fp32, summed in order);
-    ``_dhidden_kernel`` adds ``dz @ weight[chunk]`` into an fp32 ``d_hidden`` (cast once at the end);
+    ``_dhidden_kernel`` computes ``dz @ weight[chunk]`` and adds the fp32 ``d_hidden`` of the earlier chunks
+    (chunks in order; cast once at the end);
     ``_dweight_kernel`` computes ``weight``'s rows of the chunk as ``dz.T @ hidden`` with the sum over *all*
     tokens in fp32 registers, cast once (no bf16 accumulation of the weight gradient across token chunks).
     Extra memory: ``N * CHUNK_V`` operand-dtype values + ``N * H`` fp32 + O(N) vectors; never ``[N, V]``.
