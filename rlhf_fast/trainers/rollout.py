@@ -1,7 +1,7 @@
 """Rollouts: sampling with ``generate``, and no-grad per-token passes in token-budgeted micro-batches.
 
 Sequences stay variable-length lists until a forward pass needs them: the batcher
-(``rlhf_fast.batching.plan_micro_batches``) groups them into micro-batches of at most ``max_tokens`` padded
+(``rlhf_fast.batching.plan_micro_batches``) groups them into balanced micro-batches of at most ``max_tokens``
 tokens, each micro-batch is right-padded to its own longest row, and the per-token results are written back
 into one ``[B, T_max - 1]`` tensor in the original order.
 """
@@ -12,28 +12,14 @@ from typing import Callable
 
 import torch
 
-from .. import ops
+from .. import batching, ops
 from .data import pad_left, pad_right
 
 
 def plan_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Micro-batches (lists of indices) of at most ``max_tokens`` padded tokens, from the batcher."""
-    try:
-        from ..batching import plan_micro_batches as plan
-    except ImportError:  # the batcher is an optional build piece; keep a greedy plan as the fallback
-        plan = None
-    if plan is not None:
-        return [mb for mb in plan(lengths, max_tokens, num_ranks=1)[0] if mb]
-    if lengths and max(lengths) > max_tokens:
-        raise ValueError(f"max_tokens={max_tokens} is smaller than the longest sequence ({max(lengths)} tokens)")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    plan, current = [], []
-    for index in order:  # sorted longest first, so the first row of a micro-batch sets its padded width
-        if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
-            plan.append(current)
-            current = []
-        current.append(index)
-    return plan + ([current] if current else [])
+    """Micro-batches (lists of indices) from the batcher; ``max_tokens`` bounds the real (unpadded) tokens
+    of each, so a right-padded micro-batch may hold up to ``rows x longest`` positions."""
+    return [mb for mb in batching.plan_micro_batches(lengths, max_tokens, num_ranks=1)[0] if mb]
 
 
 @dataclass

@@ -1,0 +1,112 @@
+"""Build a trainer from a YAML file: what ``rlhf-fast sft | rm | ppo --config FILE.yaml`` runs.
+
+The file is one flat mapping: the path keys below plus any field of the stage's config dataclass::
+
+    model: ./my-sft-model          # a local save_pretrained directory (all stages)
+    tokenizer: ./my-sft-model      # optional, default: model
+    train_file: data/train.jsonl   # JSONL in the stage's schema (see rlhf_fast/trainers/data.py)
+    eval_file: data/eval.jsonl     # optional
+    reward_model: ./my-rm          # ppo only (a sequence-classification model with one label)
+    ref_model: ./my-sft-model      # ppo only, optional, default: model
+    value_model: ./my-rm           # ppo only, optional, default: reward_model (gae only)
+    learning_rate: 1.0e-6          # ...any SFTConfig / RewardConfig / PPOConfig field
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any
+
+from .config import PPOConfig, RewardConfig, SFTConfig
+from .data import load_jsonl
+
+STAGES = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
+PATH_KEYS = {
+    "sft": ("model", "tokenizer", "train_file", "eval_file"),
+    "rm": ("model", "tokenizer", "train_file", "eval_file"),
+    "ppo": ("model", "tokenizer", "train_file", "eval_file", "reward_model", "ref_model", "value_model"),
+}
+REQUIRED = {"sft": ("model", "train_file"), "rm": ("model", "train_file"),
+            "ppo": ("model", "train_file", "reward_model")}
+
+
+def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
+    """``(paths, config)`` from the YAML file ``path``; errors name the file and the key."""
+    import yaml
+
+    if stage not in STAGES:
+        raise ValueError(f"stage: expected one of {list(STAGES)}, got {stage!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            raw = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: invalid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of keys to values, got {type(raw).__name__}")
+    config_cls = STAGES[stage]
+    field_names = set(config_cls.__dataclass_fields__)
+    known = set(PATH_KEYS[stage]) | field_names
+    for key in raw:
+        if key not in known:
+            hint = difflib.get_close_matches(str(key), sorted(known), n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ValueError(f"{path}: unknown key {key!r} for `rlhf-fast {stage}`{suggestion}")
+    for key in REQUIRED[stage]:
+        if not raw.get(key):
+            raise ValueError(f"{path}: missing required key {key!r} for `rlhf-fast {stage}`")
+    base = os.path.dirname(os.path.abspath(path))
+    paths = {k: _resolve(base, raw[k]) for k in PATH_KEYS[stage] if raw.get(k)}
+    for key, value in paths.items():
+        exists = os.path.isfile(value) if key.endswith("_file") else os.path.isdir(value)
+        if not exists:
+            raise FileNotFoundError(f"{path}: {key} not found: {value}")
+    try:
+        config = config_cls(**{k: v for k, v in raw.items() if k in field_names})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    return paths, config
+
+
+def _resolve(base: str, value) -> str:
+    """Relative paths are relative to the config file, so a config travels with its data."""
+    value = os.path.expanduser(str(value))
+    return value if os.path.isabs(value) else os.path.join(base, value)
+
+
+def build_trainer(stage: str, config_path: str):
+    """Load models, tokenizer and data named by the config file and return the ready trainer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from .ppo import PPOTrainer
+    from .reward import RewardTrainer
+    from .sft import SFTTrainer
+
+    paths, config = read_config(stage, config_path)
+    kind = {"sft": "sft", "rm": "rm", "ppo": "ppo"}[stage]
+    train = load_jsonl(paths["train_file"], kind)
+    evaluation = load_jsonl(paths["eval_file"], kind) if "eval_file" in paths else None
+    tokenizer = AutoTokenizer.from_pretrained(paths.get("tokenizer", paths["model"]))
+
+    def scalar_model(folder):
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    if stage == "sft":
+        model = AutoModelForCausalLM.from_pretrained(paths["model"])
+        return SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
+                          processing_class=tokenizer)
+    if stage == "rm":
+        return RewardTrainer(model=scalar_model(paths["model"]), args=config, train_dataset=train,
+                             eval_dataset=evaluation, processing_class=tokenizer)
+    policy = AutoModelForCausalLM.from_pretrained(paths["model"])
+    ref = AutoModelForCausalLM.from_pretrained(paths.get("ref_model", paths["model"]))
+    reward = scalar_model(paths["reward_model"])
+    value = None
+    if config.advantage_estimator == "gae":
+        value = scalar_model(paths.get("value_model", paths["reward_model"]))
+    return PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
+                      value_model=value, train_dataset=train, eval_dataset=evaluation)
