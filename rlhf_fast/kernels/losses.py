@@ -72,9 +72,9 @@ def _policy_fwd_kernel(
     w = tl.load(w_ptr + flat, mask=inside, other=0.0)
     valid = inside & (m != 0.0)
 
-    loss, dloss, clipped, capped = policy_token_loss(
-        logp, old, adv, tl.cast(clip_low, tl.float32), tl.cast(clip_high, tl.float32), tl.cast(dual_clip, tl.float32), HAS_DUAL
-    )
+    # Explicit fp32: Inductor passes Python floats as fp64, eager Triton as fp32.
+    lo, hi, cap = tl.cast(clip_low, tl.float32), tl.cast(clip_high, tl.float32), tl.cast(dual_clip, tl.float32)
+    loss, dloss, clipped, capped = policy_token_loss(logp, old, adv, lo, hi, cap, HAS_DUAL)
     if HAS_ISW:
         isw = _load(isw_ptr, rows, cols, s_isw_r, s_isw_t, inside)
         loss = loss * isw
