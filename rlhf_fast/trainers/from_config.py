@@ -10,6 +10,8 @@ The file is one flat mapping: the path keys below plus any field of the stage's 
     ref_model: ./my-sft-model      # ppo only, optional, default: model
     value_model: ./my-rm           # ppo only, optional, default: reward_model (gae only)
     learning_rate: 1.0e-6          # ...any SFTConfig / RewardConfig / PPOConfig field
+
+Relative paths (also ``output_dir`` and ``resume_from``) are relative to the YAML file.
 """
 from __future__ import annotations
 
@@ -62,15 +64,19 @@ def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
         exists = os.path.isfile(value) if key.endswith("_file") else os.path.isdir(value)
         if not exists:
             raise FileNotFoundError(f"{path}: {key} not found: {value}")
+    settings = {k: v for k, v in raw.items() if k in field_names}
+    for key in ("output_dir", "resume_from"):
+        if settings.get(key):
+            settings[key] = _resolve(base, settings[key])
     try:
-        config = config_cls(**{k: v for k, v in raw.items() if k in field_names})
+        config = config_cls(**settings)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
     return paths, config
 
 
 def _resolve(base: str, value) -> str:
-    """Relative paths are relative to the config file, so a config travels with its data."""
+    """Relative paths are relative to the config file, so a config travels with its data and outputs."""
     value = os.path.expanduser(str(value))
     return value if os.path.isabs(value) else os.path.join(base, value)
 

@@ -1,0 +1,35 @@
+"""`rlhf-fast demo --quick`: the whole offline pipeline runs and PPO beats SFT on the hidden ground truth."""
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from rlhf_fast.cli import main  # noqa: E402
+from rlhf_fast.demo import task  # noqa: E402
+
+
+def test_annotator_labels_pairs_by_the_hidden_rule():
+    assert task.ground_truth_score("the room was great and the pool was awful .") == 0.5
+    assert task.ground_truth_score("the room was .") == 0.0
+    assert task.annotate("p", "the room was bad .", "the room was fine .") == ("the room was fine .", "the room was bad .")
+    assert task.annotate("p", "the room was bad .", "the pool was poor .") is None  # ties are skipped
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    try:
+        assert main(["demo", "--quick", "--out", str(tmp_path), "--seed", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for name in ("metrics.jsonl", "ppo_progress.png", "samples_before.txt", "samples_after.txt",
+                 "ppo/final/model/model.safetensors"):
+        assert (tmp_path / name).is_file(), name
+    stages = {json.loads(line)["stage"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {"sft", "rm", "ppo"}
+    assert summary["rm_accuracy"] >= 0.8
+    assert summary["ppo_gt_score"] > summary["sft_gt_score"]
+    assert summary["kl_to_sft"] < 10.0
