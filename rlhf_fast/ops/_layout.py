@@ -1,6 +1,7 @@
 """Shared checks and layout changes for the loss ops: any per-token layout becomes rows x time ``[R, T]``."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -14,7 +15,7 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     """``[N]`` -> ``[1, N]`` (one sequence); ``[*, T]`` -> ``[prod(*), T]``."""
     if t.dim() == 1:
         return t.unsqueeze(0)
-    return t.reshape(-1, t.shape[-1])
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # explicit rows: -1 is ambiguous when T == 0
 
 
 def per_token(name: str, value, shape, ref_name: str, *, kind: str = "float") -> torch.Tensor:
