@@ -4,26 +4,11 @@ The interpreter runs kernels as numpy and accepts code the compiler rejects (typ
 arguments that Inductor passes as fp64, int1 mask pointers). This compiles each kernel ahead of time for an H100
 target with the bundled ptxas, in a subprocess where TRITON_INTERPRET is unset.
 """
-import os
-import subprocess
-import sys
-import textwrap
 
-import pytest
+from _sm90 import compile_for_sm90
 
-SCRIPT = textwrap.dedent(
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+SCRIPT = """
     from rlhf_fast.kernels import advantages as A, kl as K, losses as L
-
-    target = GPUTarget("cuda", 90, 32)
-
-    def compile_one(fn, types, consts, **options):
-        signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-        constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target, options=options)
 
     compile_one(A._gae_kernel, {"r_ptr": "*bf16", "v_ptr": "*fp16", "m_ptr": "*u8", "adv_ptr": "*fp32",
                                 "ret_ptr": "*fp32", "gamma": "fp64", "gamma_lam": "fp32"}, {"CHUNK": 1024}, num_warps=4)
@@ -50,15 +35,7 @@ SCRIPT = textwrap.dedent(
     compile_one(L._scale_kernel, {"gfac_ptr": "*fp32", "g_ptr": "*fp32", "out_ptr": "*bf16"}, {"BLOCK": 1024})
     print("compiled")
     """
-)
 
 
 def test_kernels_compile_for_sm90():
-    triton = pytest.importorskip("triton")
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's bundled ptxas is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    compile_for_sm90(SCRIPT)

@@ -3,13 +3,10 @@
 On CPU the kernels run under TRITON_INTERPRET=1 (conftest) with the vocabulary chunk lowered to 64, so that
 V = 300 spans five chunks. bf16 runs only on the GPU.
 """
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from _sm90 import compile_for_sm90
 
 from rlhf_fast import _dispatch, ops
 from rlhf_fast import reference as ref
@@ -332,19 +329,8 @@ def test_gpu_bf16_batch_invariance():
 
 # ---- the real compiler: lower the loss kernel to sm_90 machine code without a GPU ------------------------------
 
-COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+COMPILE_SCRIPT = """
     from rlhf_fast.kernels import fused_loss as F
-
-    target = GPUTarget("cuda", 90, 32)
-
-    def compile_one(fn, types, consts, **options):
-        signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-        constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target, options=options)
 
     types = {n: "*fp32" for n in F._ppo_fwd_kernel.arg_names if n.isupper() and n not in ("V", "T_INNER")}
     types.update({"X": "*bf16", "LABELS": "*i64", "OLD": "*bf16", "ADV": "*fp16", "stride_xr": "i64",
@@ -359,15 +345,7 @@ COMPILE_SCRIPT = textwrap.dedent(
     compile_one(F._ppo_fwd_kernel, dict(types, X="*fp32"), dict(everything, KL_EST=2, HAS_ISW=False), num_warps=1)
     print("compiled")
     """
-)
 
 
 def test_kernel_compiles_for_sm90():
-    triton = pytest.importorskip("triton")
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's bundled ptxas is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    compile_for_sm90(COMPILE_SCRIPT)

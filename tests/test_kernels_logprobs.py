@@ -3,13 +3,10 @@
 On CPU the kernels run under TRITON_INTERPRET=1 (conftest); the vocabulary chunk is lowered to 64 so that
 V = 300 spans five chunks, the last one partial. bf16 runs only on the GPU (the interpreter's bf16 is unreliable).
 """
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
+from _sm90 import compile_for_sm90
 
 from rlhf_fast import _dispatch, ops
 from rlhf_fast import reference as ref
@@ -220,27 +217,13 @@ def test_gpu_bf16_batch_invariance():
 
 # ---- the real compiler: lower every kernel to sm_90 machine code without a GPU ---------------------------------
 
-COMPILE_SCRIPT = textwrap.dedent(
-    """
-    import re
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+COMPILE_SCRIPT = """
     from rlhf_fast.kernels import logprobs as P
-
-    target = GPUTarget("cuda", 90, 32)
-
-    def compile_one(fn, types, consts, div=(), **options):
-        signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-        constexprs = {(fn.arg_names.index(k),): v for k, v in consts.items()}
-        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div}
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        return triton.compile(src, target=target, options=options).asm["ptx"]
 
     fwd = {"X": "*bf16", "stride_x": "i64", "LABELS": "*i64", "LOGP": "*fp32", "ENT": "*fp32", "LSE": "*fp32",
            "inv_t": "fp32"}
     ptx = compile_one(P._logprobs_fwd_kernel, fwd, {"HAS_TEMP": True, "WITH_ENTROPY": True, "STORE_LSE": True,
-                      "BLOCK_V": 2048}, div=("X", "stride_x", "V"), num_warps=1, num_stages=2)
+                      "BLOCK_V": 2048}, div=("X", "stride_x", "V"), num_warps=1, num_stages=2).asm["ptx"]
     assert "ld.global.v4" in ptx, "the logits loads are not vectorised"
     compile_one(P._logprobs_fwd_kernel, dict(fwd, X="*fp16", LABELS="*i32", inv_t="fp64"),
                 {"HAS_TEMP": False, "WITH_ENTROPY": False, "STORE_LSE": False, "BLOCK_V": 4096}, num_warps=4)
@@ -248,7 +231,7 @@ COMPILE_SCRIPT = textwrap.dedent(
     bwd.update({"X": "*bf16", "DX": "*bf16", "LABELS": "*i64", "inv_t": "fp32"})
     ptx = compile_one(P._logits_grad_kernel, bwd, {"HAS_TEMP": True, "HAS_LOGP_GRAD": True, "HAS_ENT_GRAD": True,
                       "HAS_SCALE": True, "BLOCK_V": 4096},
-                      div=("X", "DX", "stride_xr", "stride_xt", "stride_dr", "stride_dt", "V"), num_warps=16)
+                      div=("X", "DX", "stride_xr", "stride_xt", "stride_dr", "stride_dt", "V"), num_warps=16).asm["ptx"]
     assert "st.global.v4" in ptx, "the gradient stores are not vectorised"
     compile_one(P._logits_grad_kernel, dict(bwd, X="*fp32", DX="*fp32", LABELS="*i32", inv_t="fp64"),
                 {"HAS_TEMP": False, "HAS_LOGP_GRAD": True, "HAS_ENT_GRAD": False, "HAS_SCALE": False,
@@ -256,15 +239,7 @@ COMPILE_SCRIPT = textwrap.dedent(
     compile_one(P._scale_rows_kernel, {"X": "*bf16", "SCALE": "*fp32"}, {"BLOCK_V": 4096}, num_warps=16)
     print("compiled")
     """
-)
 
 
 def test_kernels_compile_for_sm90():
-    triton = pytest.importorskip("triton")
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's bundled ptxas is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+    compile_for_sm90(COMPILE_SCRIPT)
