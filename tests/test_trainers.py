@@ -100,18 +100,19 @@ def test_ppo_raises_the_reward_of_a_reward_function(tokenizer, tmp_path):
     dict(advantage_estimator="grpo", num_generations=2),
     dict(target_kl=0.01, kl_horizon=100),
     dict(logprobs_from_hidden=True),
-    dict(loss_agg="seq-mean-token-sum-norm", missing_eos_penalty=1.0),
-], ids=["gae", "kl-in-loss", "grpo", "adaptive-kl", "from-hidden", "seq-agg"])
+    dict(loss_agg="seq-mean-token-sum-norm", missing_eos_penalty=1.0, eval_steps=1),
+], ids=["gae", "kl-in-loss", "grpo", "adaptive-kl", "from-hidden", "seq-agg-eval"])
 def test_ppo_variants_step(tokenizer, tmp_path, overrides):
     args = ppo_args(tmp_path, max_steps=1, **overrides)
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=tiny(tokenizer), reward_model=tiny(tokenizer, "rm"),
-                         train_dataset=[{"prompt": p} for p in PROMPTS])
+                         train_dataset=[{"prompt": p} for p in PROMPTS], eval_dataset=[{"prompt": p} for p in PROMPTS[:3]])
     before = [p.detach().clone() for p in trainer.policy.parameters()]
     metrics = trainer.train()[-1]
     for key in ("reward", "kl", "entropy", "clip_frac", "approx_kl", "pg_loss", "response_length", "tokens_per_s"):
         assert math.isfinite(metrics[key]), key
     assert ("vf_loss" in metrics) == (args.advantage_estimator == "gae")
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.policy.parameters()))
+    assert ("eval_reward" in metrics) == ("eval_steps" in overrides)
     if "target_kl" in overrides:
         assert trainer.kl_coef != args.kl_coef
 

@@ -152,7 +152,7 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, seed: int = 0, t
         return {"gt_score": _mean_gt(completions)}
 
     ppo_args = PPOConfig(
-        output_dir=os.path.join(out_dir, "ppo"), max_steps=sizes.ppo_steps, learning_rate=3e-4,
+        output_dir=os.path.join(out_dir, "ppo"), max_steps=sizes.ppo_steps, learning_rate=1.5e-4,
         lr_scheduler_type="constant_with_warmup", warmup_steps=4, per_device_train_batch_size=sizes.ppo_prompts_per_step,
         response_length=response_length, temperature=temperature, num_ppo_epochs=4, num_mini_batches=2,
         kl_coef=0.1, target_kl=2.0, kl_horizon=200, vf_coef=0.5, cliprange=0.2, cliprange_value=0.2,

@@ -307,6 +307,8 @@ class PPOTrainer(BaseTrainer):
         bar = self.progress(self.num_ppo_steps, self.global_step, "ppo")
         while self.global_step < self.num_ppo_steps:
             metrics = self.step()
+            if self.eval_prompts and self.args.eval_steps and self.global_step % self.args.eval_steps == 0:
+                metrics.update(self.evaluate())
             if self.global_step % self.args.logging_steps == 0 or self.global_step == self.num_ppo_steps:
                 self.log(metrics)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
@@ -315,6 +317,17 @@ class PPOTrainer(BaseTrainer):
         bar.close()
         self.finish("ppo")
         return self.logger.history
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean reward of one sampled completion per ``eval_dataset`` prompt (sampling as in the rollouts)."""
+        ids = [encode_prompt(self.tokenizer, p)[-self.args.max_length:] for p in self.eval_prompts]
+        gen = self._generate(ids)
+        budget = dict(pad_id=self.pad_id, max_tokens=self.args.max_tokens_per_micro_batch, device=self.device)
+        sequences = [p + r for p, r in zip(gen.prompt_ids, gen.response_ids)]
+        scores = self._score(sequences, self.eval_prompts, self._decode(gen.response_ids), budget)
+        return {"eval_reward": float(scores.mean()),
+                "eval_response_length": sum(map(len, gen.response_ids)) / len(gen.response_ids)}
 
     def finish(self, name: str) -> None:
         super().finish(name)
