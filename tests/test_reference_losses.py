@@ -183,3 +183,13 @@ def test_fused_loss_is_the_unfused_composition(agg):
     (g1,) = torch.autograd.grad(loss, logits)
     (g2,) = torch.autograd.grad(want, logits)
     torch.testing.assert_close(g1, g2)
+
+
+def test_clip_bounds_pass_the_gradient_on_every_torch_version():
+    # exp(log 1.5) and exp(log 0.75) are exact in float32: the ratio sits on the bounds of [0.75, 1.5].
+    logp = torch.log(torch.tensor([[1.5, 0.75]])).requires_grad_()
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, _ = R.ppo_policy_loss(logp, torch.zeros(1, 2), adv, torch.ones(1, 2), clip_low=0.25, clip_high=0.5,
+                                agg="token-sum")
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.5, 0.75]]))  # d(-A r)/dlogp = -A r, not 0

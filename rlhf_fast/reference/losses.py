@@ -64,6 +64,15 @@ def _at_least_one(denom):
     return denom.clamp(min=1.0) if isinstance(denom, torch.Tensor) else denom
 
 
+def clamp_closed(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``clamp`` whose gradient passes on the closed interval ``[low, high]``, on every torch version.
+
+    torch.clamp's subgradient at the bounds changed between releases (1 in 2.13, 0 in 2.14); the oracle, and
+    the kernels checked against it, must not depend on that.
+    """
+    return torch.where(x < low, low, torch.where(x > high, high, x))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(torch.float32)
     return (upcast(x) * m).sum() / m.sum().clamp(min=1.0)
@@ -92,7 +101,7 @@ def ppo_policy_loss(
     log_ratio = upcast(logp) - upcast(old_logp)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    clipped = -adv * clamp_closed(ratio, 1.0 - clip_low, 1.0 + clip_high)
     losses = torch.maximum(unclipped, clipped)
     dual_capped = None
     if dual_clip is not None:
@@ -132,7 +141,7 @@ def ppo_value_loss(
         clipped_more = torch.zeros_like(unclipped, dtype=torch.bool)
     else:
         old = upcast(old_values)
-        v_clipped = old + torch.clamp(v - old, -clip, clip)
+        v_clipped = old + clamp_closed(v - old, -clip, clip)
         clipped = (v_clipped - ret) ** 2
         losses = 0.5 * torch.maximum(unclipped, clipped)
         clipped_more = clipped > unclipped
