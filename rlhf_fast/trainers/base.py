@@ -9,6 +9,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainingConfig
 from .metrics import MetricsLogger, plot_metrics
@@ -21,7 +22,12 @@ def seed_everything(seed: int) -> None:
 
 
 class BaseTrainer:
-    """Subclasses set ``self.models`` (name -> module to train and checkpoint) and implement ``train``."""
+    """Subclasses register each trained model with ``self.train_module`` and implement ``train``.
+
+    ``self.models`` maps names to the Hugging Face models (what ``save_pretrained`` writes), ``self.wrapped``
+    the same names to the modules the trainer calls (DDP / FSDP2 wrappers under ``torchrun``). ``self.dist``
+    says where this process stands; in one process every collective is a no-op.
+    """
 
     def __init__(self, args: TrainingConfig, processing_class):
         if not isinstance(args, TrainingConfig):
@@ -30,11 +36,21 @@ class BaseTrainer:
             raise ValueError("processing_class: a tokenizer is required")
         self.args = args
         self.tokenizer = processing_class
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dist = distributed.setup(args.distributed, device=args.device, bf16=args.bf16)
+        self.device = self.dist.device
         self.global_step = 0
         self.models: dict[str, torch.nn.Module] = {}
-        seed_everything(args.seed)
-        self.logger = MetricsLogger(args.output_dir, report_to=args.report_to)
+        self.wrapped: dict[str, torch.nn.Module] = {}
+        seed_everything(args.seed + self.dist.rank)  # ranks sample different rollouts; rank 0 = one process
+        # rank 0 writes metrics; the others keep the history in memory only
+        self.logger = MetricsLogger(args.output_dir, report_to=args.report_to if self.dist.is_main else ())
+
+    def train_module(self, name: str, model: torch.nn.Module, runner: torch.nn.Module | None = None):
+        """Wrap ``runner`` (default: ``model``; a module whose forward uses all of ``model``) for this world,
+        register ``model`` under ``name`` for checkpoints, and return the wrapped runner."""
+        wrapped = self.dist.wrap(runner if runner is not None else model)
+        self.models[name], self.wrapped[name] = model, wrapped
+        return wrapped
 
     # ---- optimisation -------------------------------------------------------------------------------------
     def create_optimizer_and_scheduler(self, parameters: Iterable[torch.nn.Parameter], num_training_steps: int):
@@ -55,11 +71,8 @@ class BaseTrainer:
         self.num_training_steps = num_training_steps
 
     def optimizer_step(self, parameters: list[torch.nn.Parameter]) -> float:
-        """Clip, step, schedule, zero; returns the pre-clip gradient norm."""
-        if self.args.max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(parameters, self.args.max_grad_norm)
-        else:
-            norm = torch.norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        """Clip, step, schedule, zero; returns the pre-clip (global) gradient norm."""
+        norm = self.dist.clip_grad_norm(parameters, self.args.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -74,7 +87,7 @@ class BaseTrainer:
     def progress(self, total: int, initial: int, description: str):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc=description, disable=self.args.disable_tqdm,
+        return tqdm(total=total, initial=initial, desc=description, disable=self.args.disable_tqdm or not self.dist.is_main,
                     dynamic_ncols=True, leave=False)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------
@@ -87,14 +100,15 @@ class BaseTrainer:
 
     def save_checkpoint(self, path: str | None = None) -> str:
         path = path or os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
-        return save_checkpoint(path, models=self.models, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                               scheduler=self.scheduler, step=self.global_step, extra=self.checkpoint_extra())
+        return save_checkpoint(path, dist=self.dist, models=self.models, wrapped=self.wrapped,
+                               tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
+                               step=self.global_step, extra=self.checkpoint_extra())
 
     def maybe_resume(self) -> None:
         if not self.args.resume_from:
             return
-        state = load_checkpoint(self.args.resume_from, models=self.models, optimizer=self.optimizer,
-                                scheduler=self.scheduler)
+        state = load_checkpoint(self.args.resume_from, dist=self.dist, wrapped=self.wrapped,
+                                optimizer=self.optimizer, scheduler=self.scheduler)
         self.global_step = int(state["step"])
         self.restore_extra(state["extra"])
 
@@ -106,7 +120,7 @@ class BaseTrainer:
         """Final save (``{output_dir}/final``), plots, and closing the metric sinks."""
         if self.args.save_final:
             self.save_checkpoint(os.path.join(self.args.output_dir, "final"))
-        if self.args.plot:
+        if self.args.plot and self.dist.is_main:
             plot_metrics(self.logger.history, os.path.join(self.args.output_dir, f"{name}_metrics.png"), title=name)
         self.logger.close()
 

@@ -1,22 +1,35 @@
-"""Atomic checkpoints: ``save_pretrained`` weights (safetensors) + optimizer, scheduler, RNG and step state.
+"""Atomic checkpoints: ``save_pretrained`` weights for users, ``torch.distributed.checkpoint`` state for resuming.
 
-Layout of ``{output_dir}/checkpoint-{step}/``: one ``save_pretrained`` folder per model (``model/``,
-``value_model/``), ``trainer_state.pt`` (optimizer, scheduler, RNG states, step and trainer extras) and
-``trainer_state.json`` (the human-readable part). Everything is written into a temporary sibling directory
-first and renamed into place, so a crash never leaves a half-written checkpoint under the final name.
+Layout of ``{output_dir}/checkpoint-{step}/``:
+- ``model/``, ``value_model/``: full weights written by ``save_pretrained`` (safetensors) on rank 0, the
+  tokenizer beside the policy; what the next stage or ``from_pretrained`` loads. Under FSDP2 the shards are
+  gathered to rank 0's CPU first (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``).
+- ``distcp/``: the trained models and the optimizer as a DCP checkpoint (``get_state_dict`` then
+  ``torch.distributed.checkpoint.save``; every rank writes its own shards). DCP re-shards on load, so a run
+  written by N ranks with DDP or FSDP2 resumes on M ranks with any strategy, one process included.
+- ``trainer_state.pt`` (scheduler, rank 0's RNG states, step, trainer extras), ``rng_state_{rank}.pt`` for the
+  other ranks, and ``trainer_state.json`` (the human-readable part).
+Everything goes into a temporary sibling directory that rank 0 renames into place once every rank is done, so
+a crash never leaves a half-written checkpoint under the final name. With several nodes ``output_dir`` must be
+on a file system that all of them see.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
+from .distributed import Distributed
+
 STATE_FILE = "trainer_state.pt"
+DCP_DIR = "distcp"
 
 
 def rng_state() -> dict[str, Any]:
@@ -34,53 +47,104 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str, *, models: dict, tokenizer, optimizer, scheduler, step: int,
-                    extra: dict[str, Any] | None = None) -> str:
-    """Write the checkpoint directory ``path`` atomically; returns ``path``."""
+def save_checkpoint(path: str, *, dist: Distributed, models: dict, wrapped: dict, tokenizer, optimizer, scheduler,
+                    step: int, extra: dict[str, Any] | None = None) -> str:
+    """Write the checkpoint directory ``path`` atomically (a collective: every rank calls it); returns ``path``.
+
+    ``models``: name -> the Hugging Face model (for ``save_pretrained``); ``wrapped``: name -> the module the
+    trainer runs (the model itself, a DDP / FSDP2 wrapper, or a scalar-head wrapper of it).
+    """
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    temporary = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    os.makedirs(temporary)
+    temporary = dist.broadcast_object(os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}"))
+    if dist.is_main:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+        os.makedirs(temporary)
+    dist.barrier()
+    container = torch.nn.ModuleDict(wrapped)
+    model_state, optimizer_state = get_state_dict(container, optimizer)
+    with _single_process_quiet():
+        dcp_save({"model": model_state, "optimizer": optimizer_state},
+                 checkpoint_id=os.path.join(temporary, DCP_DIR), no_dist=not torch.distributed.is_initialized())
     for name, model in models.items():
-        model.save_pretrained(os.path.join(temporary, name), safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(os.path.join(temporary, "model"))
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-         "step": step, "extra": extra or {}},
-        os.path.join(temporary, STATE_FILE),
-    )
-    with open(os.path.join(temporary, "trainer_state.json"), "w", encoding="utf-8") as handle:
-        json.dump({"step": step, **{k: v for k, v in (extra or {}).items() if _is_json(v)}}, handle, indent=2)
-    if os.path.exists(path):  # os.replace cannot overwrite a non-empty directory: move the old one aside first
-        stale = f"{temporary}.old"
-        os.replace(path, stale)
-        os.replace(temporary, path)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(temporary, path)
+        _save_pretrained(dist, model, wrapped[name], os.path.join(temporary, name))
+    if not dist.is_main:
+        torch.save(rng_state(), os.path.join(temporary, f"rng_state_{dist.rank}.pt"))
+    dist.barrier()
+    if dist.is_main:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(temporary, "model"))
+        torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step, "extra": extra or {},
+                    "world_size": dist.world_size, "strategy": dist.strategy},
+                   os.path.join(temporary, STATE_FILE))
+        with open(os.path.join(temporary, "trainer_state.json"), "w", encoding="utf-8") as handle:
+            json.dump({"step": step, "world_size": dist.world_size, "strategy": dist.strategy,
+                       **{k: v for k, v in (extra or {}).items() if _is_json(v)}}, handle, indent=2)
+        if os.path.exists(path):  # os.replace cannot overwrite a non-empty directory: move the old one aside
+            stale = f"{temporary}.old"
+            os.replace(path, stale)
+            os.replace(temporary, path)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(temporary, path)
+    dist.barrier()  # nobody reads or overwrites the checkpoint before it has its final name
     return path
 
 
-def load_checkpoint(path: str, *, models: dict, optimizer, scheduler) -> dict[str, Any]:
-    """Load weights into ``models`` in place and restore optimizer, scheduler and RNG; returns the state dict."""
+def _save_pretrained(dist: Distributed, model, wrapped, folder: str) -> None:
+    if dist.strategy != "fsdp2":  # replicated: rank 0's copy is the whole model
+        if dist.is_main:
+            model.save_pretrained(folder, safe_serialization=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_main:
+        prefix = next(name for name, m in wrapped.named_modules() if m is model)
+        prefix = f"{prefix}." if prefix else ""
+        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+
+
+def load_checkpoint(path: str, *, dist: Distributed, wrapped: dict, optimizer, scheduler) -> dict[str, Any]:
+    """Restore models, optimizer, scheduler and RNG in place from ``path``; returns the trainer state.
+
+    Works for any number of ranks and any strategy: DCP re-shards the saved state to the current layout.
+    """
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     state_file = os.path.join(path, STATE_FILE)
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"resume_from: {path} is not a checkpoint (no {STATE_FILE})")
-    for name, model in models.items():
-        folder = os.path.join(path, name)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"resume_from: {path} has no {name}/ folder")
-        # from_pretrained resolves tied and renamed weights the way save_pretrained wrote them
-        loaded = type(model).from_pretrained(folder, dtype=next(model.parameters()).dtype)
-        model.load_state_dict(loaded.state_dict())
-        del loaded
+    if not os.path.isdir(os.path.join(path, DCP_DIR)):
+        raise FileNotFoundError(f"resume_from: {path} has no {DCP_DIR}/ folder (model and optimizer state)")
+    container = torch.nn.ModuleDict(wrapped)
+    model_state, optimizer_state = get_state_dict(container, optimizer)  # the current layout, filled in place
+    saved = {"model": model_state, "optimizer": optimizer_state}
+    with _single_process_quiet():
+        dcp_load(saved, checkpoint_id=os.path.join(path, DCP_DIR), no_dist=not torch.distributed.is_initialized())
+    set_state_dict(container, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
     state = torch.load(state_file, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    rank_file = os.path.join(path, f"rng_state_{dist.rank}.pt")
+    if dist.is_main:
+        set_rng_state(state["rng"])
+    elif os.path.isfile(rank_file):
+        set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
+    # a rank the writing run did not have keeps its fresh (seed + rank) generator: only its samples differ
     return state
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every save / load without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _is_json(value) -> bool:

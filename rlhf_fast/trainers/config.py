@@ -40,7 +40,8 @@ class TrainingConfig:
     report_to: list = field(default_factory=lambda: ["jsonl", "tensorboard"])
     plot: bool = True  # PNG plots of the logged metrics at the end (needs matplotlib)
     disable_tqdm: bool = False
-    device: Optional[str] = None  # default: cuda when available, else cpu
+    device: Optional[str] = None  # default: cuda (this rank's LOCAL_RANK) when available, else cpu
+    distributed: str = "auto"  # auto (ddp when torchrun starts > 1 process) | none | ddp | fsdp2; docs/distributed.md
 
     def __post_init__(self) -> None:
         _check_positive(self, "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
@@ -49,6 +50,7 @@ class TrainingConfig:
             raise ValueError(f"warmup_ratio: expected a value in [0, 1], got {self.warmup_ratio}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+        _check_choice(self, "distributed", ("auto", "none", "ddp", "fsdp2"))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainingConfig":

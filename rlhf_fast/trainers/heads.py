@@ -41,3 +41,24 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     values = scalar_per_token(model, input_ids, attention_mask)
     rows = torch.arange(values.shape[0], device=values.device)
     return values[rows, last_token_index(attention_mask)]
+
+
+class PerTokenScalar(torch.nn.Module):
+    """Body + scalar head of ``model`` as one module whose forward gives ``[B, T]`` scalars.
+
+    DDP synchronises and FSDP2 gathers parameters around a module's own forward; calling the body and the head
+    separately would go around both, so the trainers wrap reward and value models in this.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return scalar_per_token(self.model, input_ids, attention_mask)
+
+
+def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` entries of ``values[B, T]`` on each right-padded row's last attended token."""
+    rows = torch.arange(values.shape[0], device=values.device)
+    return values[rows, last_token_index(attention_mask)]

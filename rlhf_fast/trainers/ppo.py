@@ -3,6 +3,12 @@
 One step: sample responses (``generate``), score them (old / reference log-probs, values and the reward in
 token-budgeted micro-batches), turn scores into advantages (GAE with a critic, or group baselines), then
 ``num_ppo_epochs`` passes of ``num_mini_batches`` optimizer steps with the clipped losses of ``rlhf_fast.ops``.
+
+Under ``torchrun`` (docs/distributed.md) a step is ``per_device_train_batch_size * world_size`` prompts: each rank
+samples for its block of them, the token lists are all-gathered, and the batcher splits every scoring pass and
+every minibatch across the ranks by token count (one plan, computed identically on every rank, the same number of
+micro-batches on each). Per-token results are summed back over ranks, so every rank holds the whole step's
+experience and computes advantages and whitening on the global batch; losses divide by global counts.
 """
 from __future__ import annotations
 
@@ -18,8 +24,9 @@ from .base import BaseTrainer
 from .config import PPOConfig
 from .data import check_dataset, encode_prompt, pad_right, pad_token_id
 from .metrics import plot_metrics
-from .heads import scalar_per_token, sequence_scores
-from .rollout import Generation, generate, per_token_in_micro_batches, response_mask, token_logprobs
+from .heads import PerTokenScalar, last_token_scores
+from .rollout import (Generation, generate, per_token_in_micro_batches, plan_micro_batches, response_mask,
+                      token_logprobs)
 
 RewardFunction = Callable[[list, list], Sequence[float]]  # (prompts, completions) -> one score per completion
 
@@ -43,14 +50,13 @@ class PPOTrainer(BaseTrainer):
             raise ValueError("model: a causal LM policy is required")
         if reward_model is None:
             raise ValueError("reward_model: a reward model or a function (prompts, completions) -> scores is required")
-        self.policy = model.to(self.device)
-        self.ref_model = (ref_model if ref_model is not None else copy.deepcopy(model)).to(self.device).eval()
-        self.ref_model.requires_grad_(False)
-        self.reward_model = reward_model
-        if isinstance(reward_model, torch.nn.Module):
-            reward_model.to(self.device).eval().requires_grad_(False)
-        elif not callable(reward_model):
+        if args.logprobs_from_hidden and self.dist.strategy != "none":
+            raise ValueError(f"logprobs_from_hidden: not supported with distributed={self.dist.strategy!r} (the "
+                             "fused linear path calls the decoder body around the DDP / FSDP2 wrapper)")
+        if not isinstance(reward_model, torch.nn.Module) and not callable(reward_model):
             raise TypeError(f"reward_model: expected a model or a callable, got {type(reward_model).__name__}")
+        # copies first: FSDP2 shards modules in place
+        ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
         self.value_model = None
         if args.advantage_estimator == "gae":
             if value_model is None:
@@ -58,8 +64,19 @@ class PPOTrainer(BaseTrainer):
                     raise ValueError("value_model: advantage_estimator='gae' needs a critic; pass value_model "
                                      "(a *ForSequenceClassification model) or use 'grpo' / 'rloo'")
                 value_model = copy.deepcopy(reward_model)  # initialise the critic from the reward model
-            self.value_model = value_model.to(self.device).requires_grad_(True)
-        self.models = {"model": self.policy, **({"value_model": self.value_model} if self.value_model is not None else {})}
+            self.value_model = value_model.requires_grad_(True)
+        self.policy = model
+        self.policy_train = self.train_module("model", model)
+        self.value_train = None
+        if self.value_model is not None:
+            self.value_train = self.train_module("value_model", self.value_model, PerTokenScalar(self.value_model))
+        # frozen models: plain replicas under DDP, sharded under FSDP2
+        self.ref_model = self.dist.wrap(ref_model.eval().requires_grad_(False), trainable=False)
+        self.reward_model = reward_model
+        self.reward_scorer = None
+        if isinstance(reward_model, torch.nn.Module):
+            reward_model.eval().requires_grad_(False)
+            self.reward_scorer = self.dist.wrap(PerTokenScalar(reward_model), trainable=False)
         self.pad_id = pad_token_id(self.tokenizer)
         self.eos_id = self.tokenizer.eos_token_id if args.stop_token == "eos" else None
         dataset = check_dataset(train_dataset, "ppo", "train_dataset")
@@ -84,8 +101,9 @@ class PPOTrainer(BaseTrainer):
         self.kl_coef = extra.get("kl_coef", self.kl_coef)
 
     def _prompt_batch(self, step: int) -> list[int]:
-        """Prompt indices of PPO step ``step``: a fixed function of (seed, step), so resuming is exact."""
-        size = self.args.per_device_train_batch_size
+        """Prompt indices of PPO step ``step`` on all ranks together: a fixed function of (seed, step), so
+        resuming is exact, and one process with ``world_size`` times the batch size sees the same prompts."""
+        size = self.args.per_device_train_batch_size * self.dist.world_size
         per_epoch = max(1, len(self.prompts) // size)
         epoch, position = divmod(step, per_epoch)
         order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.args.seed + epoch))
@@ -102,11 +120,42 @@ class PPOTrainer(BaseTrainer):
         return self._decode(out.response_ids)
 
     def _generate(self, prompt_ids, *, do_sample: bool = True, temperature: float | None = None) -> Generation:
+        """Sample on this rank. FSDP2 gathers parameters in every decoding step, so its ranks step in lockstep
+        (``synced_gpus``) until the longest of them stops."""
         args = self.args
         with self.autocast():
             return generate(self.policy, prompt_ids, pad_id=self.pad_id, eos_id=self.eos_id,
                             max_new_tokens=args.response_length, temperature=temperature or args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, do_sample=do_sample)
+                            top_p=args.top_p, top_k=args.top_k, do_sample=do_sample,
+                            synced_gpus=self.dist.strategy == "fsdp2" and self.dist.world_size > 1)
+
+    def _generate_global(self, prompt_ids: list[list[int]]) -> Generation:
+        """Every rank samples its contiguous block of ``prompt_ids``; all ranks get all rollouts, in order.
+
+        Cost: one ``all_gather_object`` of the token lists (a few bytes per token), small next to generation.
+        """
+        rank_count = self.dist.world_size
+        padded = prompt_ids + prompt_ids[: (-len(prompt_ids)) % rank_count]  # equal blocks keep ranks in step
+        parts = self.dist.all_gather_objects(self._generate(self.dist.shard(padded)))
+        gen = Generation([p for g in parts for p in g.prompt_ids], [r for g in parts for r in g.response_ids],
+                         [s for g in parts for s in g.stopped])
+        n = len(prompt_ids)
+        return Generation(gen.prompt_ids[:n], gen.response_ids[:n], gen.stopped[:n])
+
+    def _plan(self, lengths: list[int]) -> list[list[int]]:
+        """This rank's micro-batches of a batch of sequences with ``lengths`` (the same plan on every rank).
+
+        In one process, the batcher's micro-batches; with several ranks, ``plan[rank]`` of a plan that balances
+        the tokens of the whole batch across ranks with the same number of micro-batches on each. Empty
+        micro-batches are kept there: the rank runs a zero-weight pass so that collectives stay matched.
+        """
+        if self.dist.world_size == 1:
+            return plan_micro_batches(lengths, self.args.max_tokens_per_micro_batch)
+        from .. import batching
+
+        plan = batching.plan_micro_batches(lengths, self.args.max_tokens_per_micro_batch,
+                                           num_ranks=self.dist.world_size)
+        return [list(mb) for mb in plan[self.dist.rank]]
 
     def _decode(self, responses: list[list[int]]) -> list[str]:
         return self.tokenizer.batch_decode(responses, skip_special_tokens=True)
@@ -118,7 +167,7 @@ class PPOTrainer(BaseTrainer):
         args = self.args
         start = time.perf_counter()
         prompt_ids = [self.prompt_ids[i] for i in prompt_indices for _ in range(args.num_generations)]
-        gen = self._generate(prompt_ids)
+        gen = self._generate_global(prompt_ids)  # blocks of whole prompts: a GRPO group stays on one rank
         time_generate = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -127,7 +176,7 @@ class PPOTrainer(BaseTrainer):
         response_lens = [len(r) for r in gen.response_ids]
         ids, attention = pad_right(sequences, self.pad_id)
         mask = response_mask(prompt_lens, response_lens, ids.shape[1] - 1)
-        budget = dict(pad_id=self.pad_id, max_tokens=args.max_tokens_per_micro_batch, device=self.device)
+        budget = self._budget(sequences)
 
         def logprobs_of(model):
             def fn(i, a):
@@ -136,14 +185,14 @@ class PPOTrainer(BaseTrainer):
                                           from_hidden=args.logprobs_from_hidden)
             return fn
 
-        old_logp = per_token_in_micro_batches(logprobs_of(self.policy), sequences, **budget) * mask
-        ref_logp = per_token_in_micro_batches(logprobs_of(self.ref_model), sequences, **budget) * mask
+        old_logp = self._per_token(logprobs_of(self.policy_train), sequences, budget) * mask
+        ref_logp = self._per_token(logprobs_of(self.ref_model), sequences, budget) * mask
         values = None
         if self.value_model is not None:
             def value_fn(i, a):
                 with self.autocast():
-                    return scalar_per_token(self.value_model, i, a)[:, :-1]
-            values = per_token_in_micro_batches(value_fn, sequences, **budget) * mask
+                    return self.value_train(i, a)[:, :-1]
+            values = self._per_token(value_fn, sequences, budget) * mask
         prompts_text = [self.prompts[i] for i in prompt_indices for _ in range(args.num_generations)]
         completions = self._decode(gen.response_ids)
         scores = self._score(sequences, prompts_text, completions, budget)
@@ -161,17 +210,30 @@ class PPOTrainer(BaseTrainer):
                     completions=completions, time_generate=time_generate, time_score=time_score,
                     rlhf_reward=scores - kl_in_reward * kl.sum(-1))
 
+    def _budget(self, sequences) -> dict:
+        return dict(pad_id=self.pad_id, max_tokens=self.args.max_tokens_per_micro_batch, device=self.device,
+                    micro_batches=self._plan([len(s) for s in sequences]))
+
+    def _per_token(self, fn, sequences, budget, per_sequence: bool = False) -> torch.Tensor:
+        """``fn`` on this rank's micro-batches; each row is computed by one rank and zero on the others, so a
+        sum over ranks gives every rank the whole batch (exactly: x + 0 = x)."""
+        out = per_token_in_micro_batches(fn, sequences, per_sequence=per_sequence, **budget)
+        return self.dist.all_reduce_sum(out)
+
     def _score(self, sequences, prompts, completions, budget) -> torch.Tensor:
-        if isinstance(self.reward_model, torch.nn.Module):
+        if self.reward_scorer is not None:
             def fn(i, a):
                 with self.autocast():
-                    return sequence_scores(self.reward_model, i, a)
-            return per_token_in_micro_batches(fn, sequences, per_sequence=True, **budget)
-        scores = self.reward_model(prompts, completions)
-        if len(scores) != len(completions):
+                    return last_token_scores(self.reward_scorer(i, a), a)
+            return self._per_token(fn, sequences, budget, per_sequence=True)
+        rows = sorted(i for micro in budget["micro_batches"] for i in micro)  # this rank's share of the calls
+        scores = self.reward_model([prompts[i] for i in rows], [completions[i] for i in rows]) if rows else []
+        if len(scores) != len(rows):
             raise ValueError(f"reward_model: the reward function returned {len(scores)} scores "
-                             f"for {len(completions)} completions")
-        return torch.as_tensor(list(scores), dtype=torch.float32)
+                             f"for {len(rows)} completions")
+        out = torch.zeros(len(completions), dtype=torch.float32)
+        out[torch.tensor(rows, dtype=torch.long)] = torch.as_tensor(list(scores), dtype=torch.float32)
+        return self.dist.all_reduce_sum(out)
 
     def _advantages(self, scores, kl, kl_coef, mask, values, response_lens):
         args = self.args
@@ -198,7 +260,8 @@ class PPOTrainer(BaseTrainer):
         return advantages, returns
 
     # ---- update -----------------------------------------------------------------------------------------------
-    def _micro_batch_loss(self, exp: dict, rows: torch.Tensor, num_tokens: float, num_seqs: int):
+    def _micro_batch_loss(self, exp: dict, rows: torch.Tensor, num_tokens: float, num_seqs: int, loss_weight: float = 1.0):
+        """Backward of one micro-batch's share of the minibatch loss; ``loss_weight=0`` for a placeholder pass."""
         args = self.args
         width = int(exp["lengths"][rows].max())
         ids = exp["ids"][rows, :width].to(self.device)
@@ -213,7 +276,7 @@ class PPOTrainer(BaseTrainer):
             ref_logp=take("ref_logp") if kl_in_loss else None, kl_coef=self.kl_coef if kl_in_loss else 0.0,
             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, temperature=args.temperature,
             clip_low=args.cliprange, clip_high=args.cliprange_high, dual_clip=args.dual_clip, agg=args.loss_agg,
-            num_tokens=num_tokens, num_seqs=num_seqs,
+            num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=exp["mask"].shape[1],
         )
         with self.autocast():
             if args.logprobs_from_hidden:
@@ -223,46 +286,55 @@ class PPOTrainer(BaseTrainer):
                 loss, stats = ops.fused_linear_ppo_loss(hidden[:, :-1], weight, labels, take("old_logp"),
                                                         take("advantages"), mask, bias=bias, **common)
             else:
-                logits = self.policy(input_ids=ids, attention_mask=attention).logits[:, :-1]
+                logits = self.policy_train(input_ids=ids, attention_mask=attention).logits[:, :-1]
                 loss, stats = ops.fused_ppo_loss(logits, labels, take("old_logp"), take("advantages"), mask,
                                                  **common)
             stats = {k: float(v.detach()) for k, v in stats.items()}
             if self.value_model is not None:
-                new_values = scalar_per_token(self.value_model, ids, attention)[:, :-1]
+                new_values = self.value_train(ids, attention)[:, :-1]
                 vf_loss, vf_stats = ops.ppo_value_loss(new_values, take("values"), take("returns"), mask,
                                                        clip=args.cliprange_value, agg=args.loss_agg,
-                                                       num_tokens=num_tokens, num_seqs=num_seqs)
+                                                       num_tokens=num_tokens, num_seqs=num_seqs,
+                                                       loss_scale=exp["mask"].shape[1])
                 stats.update(pg_loss=loss.item(), vf_loss=vf_loss.item(), vf_clip_frac=float(vf_stats["clip_frac"].detach()))
                 loss = loss + args.vf_coef * vf_loss
             else:
                 stats["pg_loss"] = loss.item()
-        loss.backward()
+        # DDP / FSDP2 average gradients over ranks; grad_scale makes that the gradient of the global loss
+        (loss * (loss_weight * self.dist.grad_scale)).backward()
         return stats, float(mask.sum())
 
     def update(self, exp: dict) -> dict:
         """``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout; returns averaged stats."""
         args = self.args
-        from .rollout import plan_micro_batches
-
-        self.policy.train()
-        if self.value_model is not None:
-            self.value_model.train()
+        trained = [m for m in (self.policy_train, self.value_train) if m is not None]
+        for module in trained:
+            module.train()
         batch = exp["ids"].shape[0]
         size = batch // args.num_mini_batches
         totals: dict[str, float] = {}
         weight_sum, grad_norms = 0.0, []
         for _ in range(args.num_ppo_epochs):
-            order = torch.randperm(batch)
+            order = self.dist.broadcast_object(torch.randperm(batch))  # rank 0's order: ranks' RNGs differ
             for m in range(args.num_mini_batches):
                 minibatch = order[m * size:(m + 1) * size]
+                # every rank holds the whole experience, so these counts are already global
                 num_tokens = max(1.0, float(exp["mask"][minibatch].sum()))
-                lengths = exp["lengths"][minibatch].tolist()
-                for micro in plan_micro_batches(lengths, args.max_tokens_per_micro_batch):
-                    stats, tokens = self._micro_batch_loss(exp, minibatch[micro], num_tokens, len(minibatch))
+                micro_batches = self._plan(exp["lengths"][minibatch].tolist())
+                for k, micro in enumerate(micro_batches):
+                    with self.dist.gradient_sync(trained, sync=k == len(micro_batches) - 1):
+                        if not micro:  # this rank has no sequence left: a zero-weight pass keeps it in step
+                            self._micro_batch_loss(exp, minibatch[:1], num_tokens, len(minibatch), loss_weight=0.0)
+                            continue
+                        stats, tokens = self._micro_batch_loss(exp, minibatch[micro], num_tokens, len(minibatch))
                     for key, value in stats.items():  # token-weighted means over micro-batches
                         totals[key] = totals.get(key, 0.0) + value * tokens
                     weight_sum += tokens
                 grad_norms.append(self.optimizer_step(self.trainable))
+        if self.dist.world_size > 1:  # token-weighted over all ranks' micro-batches
+            parts = self.dist.all_gather_objects((totals, weight_sum))
+            totals = {k: sum(t.get(k, 0.0) for t, _ in parts) for k in sorted({k for t, _ in parts for k in t})}
+            weight_sum = sum(w for _, w in parts)
         out = {k: v / max(1.0, weight_sum) for k, v in totals.items()}
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         return out
@@ -322,15 +394,15 @@ class PPOTrainer(BaseTrainer):
     def evaluate(self) -> dict:
         """Mean reward of one sampled completion per ``eval_dataset`` prompt (sampling as in the rollouts)."""
         ids = [encode_prompt(self.tokenizer, p)[-self.args.max_length:] for p in self.eval_prompts]
-        gen = self._generate(ids)
-        budget = dict(pad_id=self.pad_id, max_tokens=self.args.max_tokens_per_micro_batch, device=self.device)
+        gen = self._generate_global(ids)  # the eval prompts are split across ranks like the rollouts
         sequences = [p + r for p, r in zip(gen.prompt_ids, gen.response_ids)]
+        budget = self._budget(sequences)
         scores = self._score(sequences, self.eval_prompts, self._decode(gen.response_ids), budget)
         return {"eval_reward": float(scores.mean()),
                 "eval_response_length": sum(map(len, gen.response_ids)) / len(gen.response_ids)}
 
     def finish(self, name: str) -> None:
         super().finish(name)
-        if self.args.plot:
+        if self.args.plot and self.dist.is_main:
             plot_metrics(self.logger.history, os.path.join(self.args.output_dir, "ppo_reward_kl.png"),
                          keys=["reward", "kl", "entropy", "clip_frac", "response_length"], title="PPO")

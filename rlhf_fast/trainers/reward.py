@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from .base import BaseTrainer
 from .config import RewardConfig
 from .data import check_dataset, encode_completion, encode_prompt, pad_right, pad_token_id
-from .heads import sequence_scores
+from .heads import PerTokenScalar, last_token_scores
 
 
 class RewardTrainer(BaseTrainer):
@@ -20,13 +20,15 @@ class RewardTrainer(BaseTrainer):
     def __init__(self, model, args: RewardConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None):
         super().__init__(args or RewardConfig(), processing_class)
-        self.model = model.to(self.device)
-        self.models = {"model": self.model}
+        self.model = model
+        self.scorer = self.train_module("model", model, PerTokenScalar(model))  # DDP / FSDP2 under torchrun
         self.pad_id = pad_token_id(self.tokenizer)
         self.train_pairs = [self._encode(r) for r in check_dataset(train_dataset, "rm", "train_dataset")]
         self.eval_pairs = ([self._encode(r) for r in check_dataset(eval_dataset, "rm", "eval_dataset")]
                            if eval_dataset is not None else None)
-        self.batches_per_epoch = math.ceil(len(self.train_pairs) / self.args.per_device_train_batch_size)
+        # one micro-batch index = per_device_train_batch_size pairs on every rank
+        self.global_batch_size = self.args.per_device_train_batch_size * self.dist.world_size
+        self.batches_per_epoch = math.ceil(len(self.train_pairs) / self.global_batch_size)
         if self.args.max_steps > 0:
             total = self.args.max_steps
         else:
@@ -42,26 +44,32 @@ class RewardTrainer(BaseTrainer):
         return chosen, rejected, float(record.get("margin", 0.0))
 
     def _micro_batch(self, index: int):
-        size = self.args.per_device_train_batch_size
+        """This rank's contiguous block of the ``index``-th global micro-batch (a function of seed and index)."""
+        size = self.global_batch_size
         epoch, position = divmod(index, self.batches_per_epoch)
         order = torch.randperm(len(self.train_pairs), generator=torch.Generator().manual_seed(self.args.seed + epoch))
-        return [self.train_pairs[i] for i in order[position * size:(position + 1) * size].tolist()]
+        return self.dist.shard([self.train_pairs[i] for i in order[position * size:(position + 1) * size].tolist()])
 
     def rewards(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of the chosen and the rejected responses, one forward pass for both."""
         ids, attention = pad_right([p[0] for p in pairs] + [p[1] for p in pairs], self.pad_id)
+        attention = attention.to(self.device)
         with self.autocast():
-            scores = sequence_scores(self.model, ids.to(self.device), attention.to(self.device))
+            scores = last_token_scores(self.scorer(ids.to(self.device), attention), attention)
         return scores[: len(pairs)], scores[len(pairs):]
 
-    def compute_loss(self, pairs) -> tuple[torch.Tensor, dict]:
+    def compute_loss(self, pairs, num_pairs: float | None = None) -> tuple[torch.Tensor, dict]:
+        """Mean Bradley-Terry loss (plus centering); sums divide by ``num_pairs`` (default: ``len(pairs)``),
+        the pair count of the micro-batch on all ranks together in a distributed run."""
         chosen, rejected = self.rewards(pairs)
         margin = torch.tensor([p[2] for p in pairs], device=chosen.device)
-        loss = -F.logsigmoid(chosen - rejected - margin).mean()
+        count = num_pairs or len(pairs)
+        loss = -F.logsigmoid(chosen - rejected - margin).sum() / count
         if self.args.center_rewards_coefficient:
-            loss = loss + self.args.center_rewards_coefficient * ((chosen + rejected) ** 2).mean()
+            loss = loss + self.args.center_rewards_coefficient * ((chosen + rejected) ** 2).sum() / count
         with torch.no_grad():
-            stats = {"accuracy": float((chosen > rejected).float().mean()), "margin": float((chosen - rejected).mean())}
+            stats = {"accuracy": float((chosen > rejected).float().sum()) / count,
+                     "margin": float((chosen - rejected).sum()) / count}
         return loss, stats
 
     def train(self) -> list[dict]:
@@ -71,11 +79,20 @@ class RewardTrainer(BaseTrainer):
         while self.global_step < self.num_training_steps:
             start = time.perf_counter()
             total_loss, accuracy = 0.0, 0.0
-            for k in range(args.gradient_accumulation_steps):
-                loss, stats = self.compute_loss(self._micro_batch(self.global_step * args.gradient_accumulation_steps + k))
-                (loss / args.gradient_accumulation_steps).backward()
-                total_loss += loss.item() / args.gradient_accumulation_steps
-                accuracy += stats["accuracy"] / args.gradient_accumulation_steps
+            steps = args.gradient_accumulation_steps
+            for k in range(steps):
+                pairs = self._micro_batch(self.global_step * steps + k)
+                (num_pairs,) = self.dist.sum_counts(len(pairs))  # each micro-batch is a mean over all ranks' pairs
+                weight = 1.0
+                if not pairs:  # fewer pairs than ranks at the end of an epoch: a zero-weight pass keeps every
+                    pairs, weight = self.train_pairs[:1], 0.0  # rank in the same collectives
+                with self.dist.gradient_sync([self.scorer], sync=k == steps - 1):
+                    loss, stats = self.compute_loss(pairs, num_pairs)
+                    # DDP / FSDP2 average gradients over ranks: grad_scale turns that into the global-batch mean
+                    (loss * (weight * self.dist.grad_scale / steps)).backward()
+                total_loss += loss.item() * weight / steps
+                accuracy += stats["accuracy"] * weight / steps
+            total_loss, accuracy = self.dist.sum_counts(total_loss, accuracy)
             grad_norm = self.optimizer_step(list(self.model.parameters()))
             self.global_step += 1
             if self.global_step % args.logging_steps == 0 or self.global_step == self.num_training_steps:
@@ -95,7 +112,7 @@ class RewardTrainer(BaseTrainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out pairwise accuracy (``r_chosen > r_rejected``) and loss."""
+        """Held-out pairwise accuracy (``r_chosen > r_rejected``) and loss (every rank evaluates all pairs)."""
         self.model.eval()
         size = self.args.per_device_eval_batch_size
         correct, loss, count = 0.0, 0.0, 0

@@ -32,8 +32,10 @@ class Generation:
 @torch.no_grad()
 def generate(model, prompt_ids: list[list[int]], *, pad_id: int, eos_id: int | None, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,
-             batch_size: int = 256) -> Generation:
-    """Sample one response per prompt with ``model.generate`` (left-padded prompts, KV cache)."""
+             batch_size: int = 256, synced_gpus: bool = False) -> Generation:
+    """Sample one response per prompt with ``model.generate`` (left-padded prompts, KV cache).
+
+    ``synced_gpus``: keep decoding until every rank is done (FSDP2 gathers parameters in each step)."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -48,7 +50,8 @@ def generate(model, prompt_ids: list[list[int]], *, pad_id: int, eos_id: int | N
     for start in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[start:start + batch_size]
         ids, attention = pad_left(chunk, pad_id)
-        out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=config)
+        out = model.generate(input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=config,
+                             synced_gpus=synced_gpus)
         for row in out[:, ids.shape[1]:].tolist():
             if eos_id is not None and eos_id in row:
                 row = row[: row.index(eos_id) + 1]
@@ -71,16 +74,26 @@ def response_mask(prompt_lens: list[int], response_lens: list[int], width: int) 
 @torch.no_grad()
 def per_token_in_micro_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                                sequences: list[list[int]], *, pad_id: int, max_tokens: int,
-                               device: torch.device, per_sequence: bool = False) -> torch.Tensor:
+                               device: torch.device, per_sequence: bool = False,
+                               micro_batches: list[list[int]] | None = None) -> torch.Tensor:
     """Run ``fn(input_ids, attention_mask)`` over token-budgeted micro-batches.
 
     ``fn`` returns ``[b, t - 1]`` per-token results (``[b]`` with ``per_sequence=True``); the output is
     ``[B, T_max - 1]`` float32, zero beyond each row's length (``[B]`` with ``per_sequence=True``).
+    ``micro_batches`` (default: the batcher's plan of all sequences) may cover only some rows, as one rank's
+    share of a distributed plan does; rows outside it stay zero. An empty micro-batch still calls ``fn`` once,
+    on the first sequence, and drops the result: under FSDP2 every rank must run the same number of forwards.
     """
     lengths = [len(s) for s in sequences]
     width = max(lengths)
     out = torch.zeros((len(sequences),) if per_sequence else (len(sequences), width - 1), dtype=torch.float32)
-    for micro in plan_micro_batches(lengths, max_tokens):
+    if micro_batches is None:
+        micro_batches = plan_micro_batches(lengths, max_tokens)
+    for micro in micro_batches:
+        if not micro:
+            ids, attention = pad_right(sequences[:1], pad_id)
+            fn(ids.to(device), attention.to(device))
+            continue
         ids, attention = pad_right([sequences[i] for i in micro], pad_id)
         result = fn(ids.to(device), attention.to(device)).float().cpu()
         index = torch.tensor(micro)

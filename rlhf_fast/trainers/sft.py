@@ -19,13 +19,15 @@ class SFTTrainer(BaseTrainer):
     def __init__(self, model, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None):
         super().__init__(args or SFTConfig(), processing_class)
-        self.model = model.to(self.device)
-        self.models = {"model": self.model}
+        self.model = model
+        self.train_model = self.train_module("model", model)  # DDP / FSDP2 under torchrun
         self.train_examples = [self._encode(r) for r in check_dataset(train_dataset, "sft", "train_dataset")]
         self.eval_examples = ([self._encode(r) for r in check_dataset(eval_dataset, "sft", "eval_dataset")]
                               if eval_dataset is not None else None)
         self.pad_id = pad_token_id(self.tokenizer)
-        batches_per_epoch = math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
+        # one micro-batch index = per_device_train_batch_size examples on every rank
+        self.global_batch_size = self.args.per_device_train_batch_size * self.dist.world_size
+        batches_per_epoch = math.ceil(len(self.train_examples) / self.global_batch_size)
         self.batches_per_epoch = batches_per_epoch
         if self.args.max_steps > 0:
             total = self.args.max_steps
@@ -41,11 +43,16 @@ class SFTTrainer(BaseTrainer):
         return ids, len(prompt)
 
     def _micro_batch(self, index: int) -> list[tuple[list[int], int]]:
-        """The ``index``-th micro-batch of the run: a fixed function of (seed, index), so resuming is exact."""
-        size = self.args.per_device_train_batch_size
+        """This rank's share of the ``index``-th global micro-batch of the run.
+
+        The global micro-batch is a fixed function of (seed, index), so resuming is exact; each rank takes a
+        contiguous block of it (as ``DistributedSampler`` does, without padding), so the ranks' blocks together
+        are the micro-batch one process with ``world_size`` times the batch size would see.
+        """
+        size = self.global_batch_size
         epoch, position = divmod(index, self.batches_per_epoch)
         order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(self.args.seed + epoch))
-        return [self.train_examples[i] for i in order[position * size:(position + 1) * size].tolist()]
+        return self.dist.shard([self.train_examples[i] for i in order[position * size:(position + 1) * size].tolist()])
 
     def _collate(self, examples):
         ids, attention = pad_right([e[0] for e in examples], self.pad_id)
@@ -60,7 +67,7 @@ class SFTTrainer(BaseTrainer):
         """Sum of completion-token NLL divided by ``num_tokens`` (default: this batch's count)."""
         ids, attention, loss_mask = self._collate(examples)
         with self.autocast():
-            logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            logits = self.train_model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         logp = ops.selective_log_softmax(logits, ids[:, 1:])
         count = int(loss_mask.sum())
         return -(logp * loss_mask).sum() / max(1, num_tokens or count), count
@@ -73,12 +80,18 @@ class SFTTrainer(BaseTrainer):
             start = time.perf_counter()
             first = self.global_step * args.gradient_accumulation_steps
             batches = [self._micro_batch(first + k) for k in range(args.gradient_accumulation_steps)]
-            tokens = sum(sum(len(ids) - p for ids, p in batch) for batch in batches)
+            # the loss divides by the completion tokens of the whole step, on all ranks together
+            (tokens,) = self.dist.sum_counts(sum(sum(len(ids) - p for ids, p in batch) for batch in batches))
             total_loss = 0.0
-            for batch in batches:
-                loss, _ = self.compute_loss(batch, num_tokens=tokens)
-                loss.backward()
-                total_loss += loss.item()
+            for k, batch in enumerate(batches):
+                weight = 1.0
+                if not batch:  # fewer examples than ranks at the end of an epoch: a zero-weight pass keeps
+                    batch, weight = self.train_examples[:1], 0.0  # every rank in the same collectives
+                with self.dist.gradient_sync([self.train_model], sync=k == len(batches) - 1):
+                    loss, _ = self.compute_loss(batch, num_tokens=tokens)
+                    (loss * (weight * self.dist.grad_scale)).backward()  # DDP / FSDP2 average over ranks
+                total_loss += loss.item() * weight
+            (total_loss,) = self.dist.sum_counts(total_loss)
             grad_norm = self.optimizer_step(list(self.model.parameters()))
             self.global_step += 1
             elapsed = time.perf_counter() - start
@@ -96,7 +109,8 @@ class SFTTrainer(BaseTrainer):
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean completion-token NLL over ``eval_dataset``."""
+        """Mean completion-token NLL over ``eval_dataset`` (every rank evaluates all of it: eval sets are small,
+        and FSDP2 needs every rank in every forward)."""
         self.model.eval()
         size = self.args.per_device_eval_batch_size
         total, count = 0.0, 0

@@ -1,0 +1,197 @@
+"""Data-parallel training under torchrun equals one process on the same global batch (2 CPU ranks, gloo).
+
+One ``torchrun --standalone --nproc_per_node 2`` launch runs this file as a script: a reward-model update and
+a PPO step (GAE, trained critic, KL in the reward, two minibatches, micro-batches from the batcher) under DDP and
+under FSDP2, each with ``per_device_train_batch_size`` = half the single-process batch; rank 0 writes the
+checkpoints. The tests then run the same updates in one process (``distributed="none"``) and compare the
+parameters, and resume a 2-rank FSDP2 checkpoint in one process.
+
+Rollouts: sampling with ``generate`` draws from the global RNG of each rank, so which rank samples a prompt
+changes the sample; no split of a batch can reproduce one process's draws. The PPO runs therefore replace
+``_generate`` with a fixed, split-invariant stand-in (``fixed_rollouts``: each response a function of its
+prompt, its index among the prompt's samples and the step). Everything after generation is the real code path:
+the all-gather of the rollouts, the batcher's cross-rank plan, the scoring passes summed over ranks, advantages
+and whitening on the global batch, and the update with globally normalised losses.
+"""
+import json
+import os
+import subprocess
+import sys
+import zlib
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from rlhf_fast import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer  # noqa: E402
+from rlhf_fast.demo import task  # noqa: E402
+from rlhf_fast.demo.model import load_tokenizer, tiny_llama_config  # noqa: E402
+from rlhf_fast.trainers.rollout import Generation  # noqa: E402
+
+RANKS = 2
+STRATEGIES = ("ddp", "fsdp2")
+# adam_epsilon=1 and no clipping make AdamW's step nearly linear in the gradient (lr * g / (|g| + 1)), so a wrong
+# loss normalisation shows in the parameters; with eps=1e-8 the first step is about lr * sign(g) and would hide it
+QUIET = dict(disable_tqdm=True, report_to=["jsonl"], plot=False, adam_epsilon=1.0, max_grad_norm=None)
+PROMPTS = [p for p, _ in task.all_prompts()[:16]]
+TOLERANCE = 1e-5
+
+
+def tiny(tokenizer, kind="lm", seed=0):
+    torch.manual_seed(seed)
+    config = tiny_llama_config(tokenizer, hidden_size=32, layers=1, heads=2)
+    cls = transformers.LlamaForCausalLM if kind == "lm" else transformers.LlamaForSequenceClassification
+    return cls(config)
+
+
+# ---- the runs (the same code in the torchrun workers and in the single-process references) -------------------
+def reward_run(tokenizer, out, world, **overrides):
+    pairs = [{"prompt": p, "chosen": "the room was great and the pool was fine .", "rejected": "the room was awful ."}
+             for p in PROMPTS[:12]]
+    args = RewardConfig(output_dir=str(out), max_steps=2, learning_rate=0.3, per_device_train_batch_size=8 // world,
+                        center_rewards_coefficient=0.01, gradient_accumulation_steps=1, **QUIET, **overrides)
+    trainer = RewardTrainer(model=tiny(tokenizer, "rm"), args=args, train_dataset=pairs, processing_class=tokenizer)
+    trainer.train()
+    return trainer
+
+
+def fixed_rollouts(trainer):
+    """Replace sampling by a response that depends only on (prompt, sample index within the prompt, step)."""
+    vocab = len(trainer.tokenizer)
+    eos = trainer.eos_id
+
+    def generate(prompt_ids, **_):
+        responses, stopped = [], []
+        for n, prompt in enumerate(prompt_ids):
+            sample = 0
+            while n - sample - 1 >= 0 and prompt_ids[n - sample - 1] == prompt:
+                sample += 1  # GRPO-style copies of one prompt are adjacent and never split across ranks
+            key = zlib.crc32(repr((prompt, sample, trainer.global_step)).encode())
+            g = torch.Generator().manual_seed(key)
+            length = int(torch.randint(2, trainer.args.response_length + 1, (1,), generator=g))
+            tokens = torch.randint(4, vocab, (length,), generator=g).tolist()
+            ends = bool(torch.rand((), generator=g) < 0.6)
+            responses.append(tokens[:-1] + [eos] if ends else tokens)
+            stopped.append(ends)
+        return Generation(prompt_ids=list(prompt_ids), response_ids=responses, stopped=stopped)
+
+    trainer._generate = generate
+    return trainer
+
+
+def ppo_trainer(tokenizer, out, world, **overrides):
+    args = PPOConfig(output_dir=str(out), max_steps=2, learning_rate=0.3, per_device_train_batch_size=8 // world,
+                     response_length=6, temperature=1.0, num_ppo_epochs=2, num_mini_batches=2, seed=3,
+                     max_tokens_per_micro_batch=32, **QUIET, **overrides)
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=tiny(tokenizer), ref_model=tiny(tokenizer),
+                         reward_model=tiny(tokenizer, "rm", seed=1), train_dataset=[{"prompt": p} for p in PROMPTS])
+    return fixed_rollouts(trainer)
+
+
+def ppo_run(tokenizer, out, world, steps, **overrides):
+    trainer = ppo_trainer(tokenizer, out, world, **overrides)
+    trainer.num_ppo_steps = steps  # the schedule of a 2-step run, stopped after `steps`
+    trainer.train()
+    return trainer
+
+
+def worker(out: str) -> None:
+    """What each torchrun rank runs: every scenario, one after the other, in one process group."""
+    torch.set_num_threads(1)
+    tokenizer = load_tokenizer()
+    for strategy in STRATEGIES:
+        reward_run(tokenizer, os.path.join(out, f"rm-{strategy}"), RANKS, distributed=strategy)
+        ppo_run(tokenizer, os.path.join(out, f"ppo-{strategy}"), RANKS, steps=1, distributed=strategy, save_steps=1,
+                save_final=False)
+
+
+# ---- the tests ---------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory):
+    """Run ``worker`` on 2 gloo ranks with torchrun (a free port from --standalone); returns the output folder."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
+               __file__, str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return out
+
+
+def saved_weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def assert_same_parameters(saved: dict, model: torch.nn.Module, initial: torch.nn.Module, what: str) -> None:
+    """``saved`` (the 2-rank run) equals ``model`` (one process) within TOLERANCE, and both moved from ``initial``."""
+    expected = model.state_dict()
+    assert sorted(saved) == sorted(expected), what
+    worst = max(float((saved[k] - expected[k]).abs().max()) for k in expected)
+    assert worst <= TOLERANCE, f"{what}: largest parameter difference {worst:.3g} > {TOLERANCE}"
+    moved = max(float((expected[k] - v).abs().max()) for k, v in initial.state_dict().items())
+    assert moved > 100 * TOLERANCE, f"{what}: the update barely moved the parameters ({moved:.3g})"
+    print(f"{what}: max |2 ranks - 1 process| = {worst:.2e} (update moved parameters by up to {moved:.2e})")
+
+
+def read_metrics(folder):
+    with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_distributed_reward_update_equals_one_process(two_rank_runs, tokenizer, tmp_path, strategy):
+    single = reward_run(tokenizer, tmp_path, 1, distributed="none")
+    assert_same_parameters(saved_weights(two_rank_runs / f"rm-{strategy}" / "final" / "model"), single.model,
+                           tiny(tokenizer, "rm"), f"reward model, {strategy}")
+    ranks, one = read_metrics(two_rank_runs / f"rm-{strategy}"), single.logger.history
+    for key in ("loss", "accuracy", "grad_norm"):
+        assert [r[key] for r in ranks] == pytest.approx([r[key] for r in one], abs=1e-5), key
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_distributed_ppo_update_equals_one_process(two_rank_runs, tokenizer, tmp_path, strategy):
+    single = ppo_run(tokenizer, tmp_path, 1, steps=1, distributed="none")
+    checkpoint = two_rank_runs / f"ppo-{strategy}" / "checkpoint-1"
+    assert_same_parameters(saved_weights(checkpoint / "model"), single.policy, tiny(tokenizer), f"policy, {strategy}")
+    assert_same_parameters(saved_weights(checkpoint / "value_model"), single.value_model, tiny(tokenizer, "rm", seed=1),
+                           f"critic, {strategy}")
+    ranks, one = read_metrics(two_rank_runs / f"ppo-{strategy}"), single.logger.history
+    for key in ("reward", "kl", "pg_loss", "vf_loss", "clip_frac", "approx_kl", "grad_norm", "response_length"):
+        assert ranks[0][key] == pytest.approx(one[0][key], abs=1e-5), key
+
+
+def test_distributed_fsdp2_checkpoint_resumes_on_one_process(two_rank_runs, tokenizer, tmp_path):
+    checkpoint = two_rank_runs / "ppo-fsdp2" / "checkpoint-1"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert (state["step"], state["world_size"], state["strategy"]) == (1, 2, "fsdp2")
+    assert not [p for p in os.listdir(two_rank_runs / "ppo-fsdp2") if ".tmp" in p]  # renamed into place
+    uninterrupted = ppo_run(tokenizer, tmp_path / "full", 1, steps=2, distributed="none")
+    resumed = ppo_trainer(tokenizer, tmp_path / "resumed", 1, distributed="none", resume_from=str(checkpoint))
+    assert resumed.global_step == 1
+    resumed.train()
+    for name in ("policy", "value_model"):
+        full, part = getattr(uninterrupted, name).state_dict(), getattr(resumed, name).state_dict()
+        worst = max(float((full[k] - part[k]).abs().max()) for k in full)
+        assert worst <= TOLERANCE, f"{name}: resumed run differs from the uninterrupted one by {worst:.3g}"
+    for key in ("reward", "kl", "pg_loss", "vf_loss"):  # step 2 needs the restored optimizer moments and RNG
+        assert resumed.logger.history[-1][key] == pytest.approx(uninterrupted.logger.history[-1][key], abs=1e-5)
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
