@@ -24,7 +24,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rlhf_fast import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer  # noqa: E402
+from rlhf_fast import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer  # noqa: E402
 from rlhf_fast.demo import task  # noqa: E402
 from rlhf_fast.demo.model import load_tokenizer, tiny_llama_config  # noqa: E402
 from rlhf_fast.trainers.rollout import Generation  # noqa: E402
@@ -56,6 +56,22 @@ def reward_run(tokenizer, out, world, **overrides):
     return trainer
 
 
+def sft_run(tokenizer, out, world, **overrides):
+    """Completions of different lengths, 2 accumulation steps: the loss divides by the step's global tokens."""
+    completions = ["the room was great .", "the pool was fine and the staff was nice and the food was bad ."]
+    data = [{"prompt": p, "completion": completions[i % 2]} for i, p in enumerate(PROMPTS[:12])]
+    args = SFTConfig(output_dir=str(out), max_steps=2, learning_rate=0.3, per_device_train_batch_size=4 // world,
+                     gradient_accumulation_steps=2, **QUIET, **overrides)
+    trainer = SFTTrainer(model=tiny(tokenizer), args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+    return trainer
+
+
+def positive_fraction(prompts, completions):
+    """A reward function (texts in, scores out): the share of positive adjectives among the response words."""
+    return [sum(w in task.POSITIVE for w in c.split()) / max(1, len(c.split())) for c in completions]
+
+
 def fixed_rollouts(trainer):
     """Replace sampling by a response that depends only on (prompt, sample index within the prompt, step)."""
     vocab = len(trainer.tokenizer)
@@ -80,12 +96,19 @@ def fixed_rollouts(trainer):
     return trainer
 
 
-def ppo_trainer(tokenizer, out, world, **overrides):
-    args = PPOConfig(output_dir=str(out), max_steps=2, learning_rate=0.3, per_device_train_batch_size=8 // world,
-                     response_length=6, temperature=1.0, num_ppo_epochs=2, num_mini_batches=2, seed=3,
-                     max_tokens_per_micro_batch=32, **QUIET, **overrides)
+# GRPO with a reward function, minibatches of 3 sequences and a 16-token budget: one rank gets one sequence, the
+# other two in two micro-batches, so the first runs a zero-weight placeholder pass (counted by the worker)
+GRPO = dict(advantage_estimator="grpo", num_generations=2, num_mini_batches=4, max_tokens_per_micro_batch=16,
+            prompts_per_step=6, reward_model=positive_fraction)
+
+
+def ppo_trainer(tokenizer, out, world, prompts_per_step=8, reward_model=None, **overrides):
+    settings = dict(output_dir=str(out), max_steps=2, learning_rate=0.3, response_length=6, temperature=1.0,
+                    num_ppo_epochs=2, num_mini_batches=2, seed=3, max_tokens_per_micro_batch=32, **QUIET)
+    args = PPOConfig(**{**settings, **overrides, "per_device_train_batch_size": prompts_per_step // world})
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=tiny(tokenizer), ref_model=tiny(tokenizer),
-                         reward_model=tiny(tokenizer, "rm", seed=1), train_dataset=[{"prompt": p} for p in PROMPTS])
+                         reward_model=reward_model or tiny(tokenizer, "rm", seed=1),
+                         train_dataset=[{"prompt": p} for p in PROMPTS])
     return fixed_rollouts(trainer)
 
 
@@ -101,9 +124,28 @@ def worker(out: str) -> None:
     torch.set_num_threads(1)
     tokenizer = load_tokenizer()
     for strategy in STRATEGIES:
+        sft_run(tokenizer, os.path.join(out, f"sft-{strategy}"), RANKS, distributed=strategy)
         reward_run(tokenizer, os.path.join(out, f"rm-{strategy}"), RANKS, distributed=strategy)
         ppo_run(tokenizer, os.path.join(out, f"ppo-{strategy}"), RANKS, steps=1, distributed=strategy, save_steps=1,
                 save_final=False)
+        trainer = ppo_trainer(tokenizer, os.path.join(out, f"grpo-{strategy}"), RANKS, distributed=strategy, **GRPO)
+        trainer.num_ppo_steps = 1
+        placeholders = count_placeholder_passes(trainer)
+        trainer.train()
+        with open(os.path.join(out, f"grpo-{strategy}", f"placeholders_{trainer.dist.rank}.json"), "w") as handle:
+            json.dump(placeholders, handle)
+
+
+def count_placeholder_passes(trainer) -> dict:
+    counts = {"placeholder": 0, "real": 0}
+    inner = trainer._micro_batch_loss
+
+    def counting(*args, loss_weight=1.0, **kwargs):
+        counts["placeholder" if loss_weight == 0.0 else "real"] += 1
+        return inner(*args, loss_weight=loss_weight, **kwargs)
+
+    trainer._micro_batch_loss = counting
+    return counts
 
 
 # ---- the tests ---------------------------------------------------------------------------------------------
@@ -155,6 +197,15 @@ def read_metrics(folder):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_distributed_sft_update_equals_one_process(two_rank_runs, tokenizer, tmp_path, strategy):
+    single = sft_run(tokenizer, tmp_path, 1, distributed="none")
+    assert_same_parameters(saved_weights(two_rank_runs / f"sft-{strategy}" / "final" / "model"), single.model,
+                           tiny(tokenizer), f"SFT, {strategy}")
+    ranks, one = read_metrics(two_rank_runs / f"sft-{strategy}"), single.logger.history
+    assert [r["loss"] for r in ranks] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_distributed_reward_update_equals_one_process(two_rank_runs, tokenizer, tmp_path, strategy):
     single = reward_run(tokenizer, tmp_path, 1, distributed="none")
     assert_same_parameters(saved_weights(two_rank_runs / f"rm-{strategy}" / "final" / "model"), single.model,
@@ -174,6 +225,21 @@ def test_distributed_ppo_update_equals_one_process(two_rank_runs, tokenizer, tmp
     ranks, one = read_metrics(two_rank_runs / f"ppo-{strategy}"), single.logger.history
     for key in ("reward", "kl", "pg_loss", "vf_loss", "clip_frac", "approx_kl", "grad_norm", "response_length"):
         assert ranks[0][key] == pytest.approx(one[0][key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_distributed_grpo_update_with_uneven_micro_batches_equals_one_process(two_rank_runs, tokenizer, tmp_path,
+                                                                              strategy):
+    single = ppo_trainer(tokenizer, tmp_path, 1, distributed="none", **GRPO)
+    single.num_ppo_steps = 1
+    single.train()
+    folder = two_rank_runs / f"grpo-{strategy}"
+    final = saved_weights(folder / "final" / "model")
+    assert_same_parameters(final, single.policy, tiny(tokenizer), f"GRPO policy, {strategy}")
+    passes = [json.loads((folder / f"placeholders_{r}.json").read_text()) for r in range(RANKS)]
+    assert sum(p["placeholder"] for p in passes) > 0, passes  # the uneven plan was exercised
+    assert len({p["placeholder"] + p["real"] for p in passes}) == 1, passes  # ... with equal pass counts
+    assert read_metrics(folder)[0]["reward"] == pytest.approx(single.logger.history[0]["reward"], abs=1e-6)
 
 
 def test_distributed_fsdp2_checkpoint_resumes_on_one_process(two_rank_runs, tokenizer, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -147,10 +148,15 @@ class PPOConfig(TrainingConfig):
             raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p}")
         if self.kl_coef < 0:
             raise ValueError(f"kl_coef: expected >= 0, got {self.kl_coef}")
-        batch = self.per_device_train_batch_size * self.num_generations
+        self.check_mini_batches(int(os.environ.get("WORLD_SIZE", "1")))
+
+    def check_mini_batches(self, world_size: int) -> None:
+        """Minibatches split the rollout batch of all ranks together (torchrun sets WORLD_SIZE)."""
+        batch = self.per_device_train_batch_size * self.num_generations * world_size
         if batch % self.num_mini_batches:
+            ranks = f" * world_size ({world_size})" if world_size > 1 else ""
             raise ValueError(f"num_mini_batches={self.num_mini_batches} must divide the rollout batch "
-                             f"per_device_train_batch_size * num_generations = {batch}")
+                             f"per_device_train_batch_size * num_generations{ranks} = {batch}")
 
 
 def _check_positive(config, *names: str) -> None:

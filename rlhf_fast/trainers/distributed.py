@@ -58,9 +58,9 @@ class Distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # broadcast_buffers=False: the models' buffers are constants (rotary tables); syncing them would add
-            # a collective to every forward, including the no-grad scoring passes that ranks run unevenly
-            return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+            # no buffer sync in forward: the models' buffers are constants (rotary tables), and a sync would add a
+            # collective to every forward, including no-grad passes outside the matched training steps
+            return DistributedDataParallel(module, device_ids=device_ids, forward_sync_buffers=False)
         return module
 
     def _fully_shard(self, module: torch.nn.Module) -> torch.nn.Module:

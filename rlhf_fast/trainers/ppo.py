@@ -50,6 +50,7 @@ class PPOTrainer(BaseTrainer):
             raise ValueError("model: a causal LM policy is required")
         if reward_model is None:
             raise ValueError("reward_model: a reward model or a function (prompts, completions) -> scores is required")
+        args.check_mini_batches(self.dist.world_size)
         if args.logprobs_from_hidden and self.dist.strategy != "none":
             raise ValueError(f"logprobs_from_hidden: not supported with distributed={self.dist.strategy!r} (the "
                              "fused linear path calls the decoder body around the DDP / FSDP2 wrapper)")
