@@ -55,7 +55,9 @@ class PerTokenScalar(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return scalar_per_token(self.model, input_ids, attention_mask)
+        # a fresh [B, T] tensor, not a view of the head's [B, T, 1] output: FSDP2 hooks its backward on the output
+        # and warns about views (an in-place op on one would skip the hook)
+        return scalar_per_token(self.model, input_ids, attention_mask).clone()
 
 
 def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
