@@ -87,7 +87,8 @@ class BaseTrainer:
     def progress(self, total: int, initial: int, description: str):
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc=description, disable=self.args.disable_tqdm or not self.dist.is_main,
+        return tqdm(total=total, initial=initial, desc=description,
+                    disable=self.args.disable_tqdm or not self.dist.is_main,
                     dynamic_ncols=True, leave=False)
 
     # ---- checkpoints ----------------------------------------------------------------------------------------

@@ -261,7 +261,8 @@ class PPOTrainer(BaseTrainer):
         return advantages, returns
 
     # ---- update -----------------------------------------------------------------------------------------------
-    def _micro_batch_loss(self, exp: dict, rows: torch.Tensor, num_tokens: float, num_seqs: int, loss_weight: float = 1.0):
+    def _micro_batch_loss(self, exp: dict, rows: torch.Tensor, num_tokens: float, num_seqs: int,
+                          loss_weight: float = 1.0):
         """Backward of one micro-batch's share of the minibatch loss; ``loss_weight=0`` for a placeholder pass."""
         args = self.args
         width = int(exp["lengths"][rows].max())
