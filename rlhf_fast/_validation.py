@@ -5,6 +5,7 @@ kernel to learn why a call was refused. Checks that would need a device sync are
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Iterable, Optional, Sequence
 
@@ -88,8 +89,8 @@ def check_number(
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
     value = float(value)
-    if value != value:
-        raise ValueError(f"{name}: expected a number, got nan")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
     if greater_than is not None and not value > greater_than:
         raise ValueError(f"{name}: expected a value > {greater_than}, got {value}")
     if at_least is not None and not value >= at_least:
@@ -100,13 +101,19 @@ def check_number(
 
 
 def check_count(name: str, value) -> None:
-    """num_tokens / num_seqs / loss_scale overrides: None, a positive number or a 0-d tensor."""
+    """num_tokens / num_seqs / loss_scale overrides: None, or a positive finite number or one-element tensor.
+
+    A tensor is read once (a device sync): overrides come from an all-reduce, and a zero or nan there would
+    otherwise turn into a silently wrong loss.
+    """
     if value is None:
         return
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name}: expected a number or a one-element tensor, got shape {tuple(value.shape)}")
-        return
+        if value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name}: expected a real-valued tensor, got {value.dtype}")
+        value = value.item()
     check_number(name, value, greater_than=0)
 
 

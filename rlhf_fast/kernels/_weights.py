@@ -18,19 +18,19 @@ def _count(value, like: torch.Tensor) -> torch.Tensor:
 
 def token_weights(mask: torch.Tensor, agg: str, *, num_tokens=None, num_seqs=None, loss_scale=None) -> torch.Tensor:
     """Float32 ``[R, T]`` weights with ``aggregate(l, mask, agg) == (l * w).sum()`` (0 where mask is 0)."""
-    m = mask.to(torch.float32)
+    m = (mask != 0).to(torch.float32)
     if agg == "token-sum":
         return m
     if agg == "token-mean":
-        tokens = m.sum() if num_tokens is None else _count(num_tokens, m)
-        return m / tokens.clamp(min=1.0)
+        tokens = m.sum().clamp(min=1.0) if num_tokens is None else _count(num_tokens, m)
+        return m / tokens
     if agg not in AGG_MODES:
         raise ValueError(f"agg: expected one of {list(AGG_MODES)}, got {agg!r}")
     tokens_per_row = m.sum(-1, keepdim=True)
-    seqs = (tokens_per_row > 0).sum().to(torch.float32) if num_seqs is None else _count(num_seqs, m)
-    w = m / seqs.clamp(min=1.0)
+    seqs = (tokens_per_row > 0).sum().clamp(min=1).to(torch.float32) if num_seqs is None else _count(num_seqs, m)
+    w = m / seqs
     if agg == "seq-mean-token-mean":
         w = w / tokens_per_row.clamp(min=1.0)
     elif agg == "seq-mean-token-sum-norm":
-        w = w / (float(m.shape[-1]) if loss_scale is None else _count(loss_scale, m))
+        w = w / (float(max(m.shape[-1], 1)) if loss_scale is None else _count(loss_scale, m))
     return w

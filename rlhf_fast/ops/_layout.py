@@ -18,6 +18,10 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # explicit rows: -1 is ambiguous when T == 0
 
 
+def check_per_token_shape(name: str, value: torch.Tensor) -> None:
+    v.check_min_ndim(name, value, 1, "a per-token tensor [N] or [*, T]")
+
+
 def per_token(name: str, value, shape, ref_name: str, *, kind: str = "float") -> torch.Tensor:
     if kind == "float":
         v.check_float(name, value)

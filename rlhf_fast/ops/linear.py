@@ -16,6 +16,8 @@ def _check_linear(hidden, weight, labels, bias) -> tuple[int, int]:
     v.check_float("weight", weight)
     v.check_ndim("weight", weight, (2,), "a 2-d tensor [V, H] (the LM head)")
     hidden_size = hidden.shape[-1]
+    if hidden_size == 0:
+        raise ValueError(f"hidden: expected a non-empty hidden dimension H, got shape {tuple(hidden.shape)}")
     if weight.shape[1] != hidden_size:
         raise ValueError(
             f"weight: expected shape [V, {hidden_size}] (H from hidden), got {tuple(weight.shape)}"

@@ -18,6 +18,7 @@ from ._layout import (
     check_agg_options,
     check_clip_options,
     check_kl_entropy_options,
+    check_per_token_shape,
     per_token,
 )
 from .logprobs import check_logits_and_labels
@@ -48,6 +49,7 @@ def ppo_policy_loss(
 ) -> tuple[torch.Tensor, dict]:
     """Clipped PPO surrogate; returns ``(loss, stats)`` with ``clip_frac``, ``approx_kl``, ``ratio_mean``."""
     v.check_float("logp", logp)
+    check_per_token_shape("logp", logp)
     old, adv, m, w = _policy_inputs("logp", logp.shape, old_logp, advantages, mask, is_weights)
     v.check_same_device(dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, is_weights=is_weights))
     clip_low, clip_high, dual_clip = check_clip_options(clip_low, clip_high, dual_clip)
@@ -73,6 +75,7 @@ def ppo_value_loss(
 ) -> tuple[torch.Tensor, dict]:
     """Clipped value loss ``0.5 * max((v - R)^2, (clipped v - R)^2)``; returns ``(loss, stats)``."""
     v.check_float("values", values)
+    check_per_token_shape("values", values)
     old = per_token("old_values", old_values, values.shape, "values")
     ret = per_token("returns", returns, values.shape, "values")
     m = per_token("mask", mask, values.shape, "values", kind="mask")

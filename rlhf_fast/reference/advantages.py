@@ -40,13 +40,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     positions the unbiased variance is undefined; it is taken as 0 (so the output is ``(x - mean) / sqrt(eps)``
     = 0 for one position) instead of dividing by zero.
     """
-    x = upcast(x)
-    m = mask.to(torch.float32)
-    count = m.sum()
-    mean = (x * m).sum() / count.clamp(min=1.0)
-    centred = (x - mean) * m
-    var = (centred * centred).sum() / (count - 1.0).clamp(min=1.0)
+    valid = mask != 0
+    x = torch.where(valid, upcast(x), 0.0)  # select, not multiply: nan / inf under the mask stay out
+    count = valid.sum()
+    mean = x.sum() / count.clamp(min=1)
+    centred = torch.where(valid, x - mean, 0.0)
+    var = (centred * centred).sum() / (count - 1).clamp(min=1)
     y = centred * torch.rsqrt(var + eps)
     if not shift_mean:
         y = y + mean
-    return y * m
+    return torch.where(valid, y, 0.0)

@@ -11,6 +11,7 @@ import torch
 
 from ._precision import upcast
 
+from .logprobs import finite_or_zero
 from .losses import policy_loss_terms
 
 TOKEN_CHUNK = 1024
@@ -37,7 +38,7 @@ class _LinearLogprobs(torch.autograd.Function):
             p = torch.exp(z - chunk_lse.unsqueeze(-1))
             lse[s : s + chunk] = chunk_lse
             logp[s : s + chunk] = z.gather(-1, labels[s : s + chunk].long().unsqueeze(-1)).squeeze(-1) - chunk_lse
-            entropy[s : s + chunk] = chunk_lse - (p * z).sum(-1)
+            entropy[s : s + chunk] = chunk_lse - (p * finite_or_zero(z)).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.temperature, ctx.chunk = temperature, chunk
         return logp, entropy
@@ -60,7 +61,7 @@ class _LinearLogprobs(torch.autograd.Function):
             p = torch.exp(log_p)
             # d logp_y / dz = onehot(y) - p ;  dH / dz = -p * (log p + H)
             gz = -p * (g_lp[s : s + chunk].unsqueeze(-1) + g_h[s : s + chunk].unsqueeze(-1)
-                       * (log_p + entropy[s : s + chunk].unsqueeze(-1)))
+                       * (finite_or_zero(log_p) + entropy[s : s + chunk].unsqueeze(-1)))
             gz.scatter_add_(-1, labels[s : s + chunk].long().unsqueeze(-1), g_lp[s : s + chunk].unsqueeze(-1))
             gz = gz / temperature
             if grad_hidden is not None:
@@ -106,7 +107,7 @@ def fused_linear_ppo_loss(
     """The loss of ``fused_ppo_loss(hidden @ weight.T + bias, ...)`` without the ``[N, V]`` logits."""
     rows, steps = old_logp.shape
     logp, entropy = linear_logprobs(
-        hidden.reshape(rows * steps, -1), weight, labels.reshape(-1), bias=bias, temperature=temperature,
+        hidden.reshape(rows * steps, hidden.shape[-1]), weight, labels.reshape(-1), bias=bias, temperature=temperature,
         return_entropy=True,
     )
     return policy_loss_terms(

@@ -16,15 +16,23 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return z / temperature if temperature != 1.0 else z
 
 
+def _chunk_starts(logits: torch.Tensor) -> range:
+    # At least one (possibly empty) chunk, so that an empty batch still yields outputs tied to the graph.
+    return range(0, max(logits.shape[0], 1), ROW_CHUNK)
+
+
+def finite_or_zero(z: torch.Tensor) -> torch.Tensor:
+    """-inf logits -> 0, so that ``p * z`` is 0 where ``p`` is 0 (in the forward and in the gradient)."""
+    return torch.where(z == float("-inf"), 0.0, z)
+
+
 def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """``log_softmax(logits / temperature)[label]`` for ``logits[N, V]``, ``labels[N]``; float32 ``[N]``."""
     out = []
-    for start in range(0, logits.shape[0], ROW_CHUNK):
+    for start in _chunk_starts(logits):
         z = _scaled(logits[start : start + ROW_CHUNK], temperature)
         lab = labels[start : start + ROW_CHUNK].long().unsqueeze(-1)
         out.append(z.gather(-1, lab).squeeze(-1) - torch.logsumexp(z, dim=-1))
-    if not out:
-        return logits.new_zeros(0, dtype=torch.float32)
     return torch.cat(out)
 
 
@@ -33,17 +41,15 @@ def logprobs_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of the label and the entropy ``-sum p log p`` of ``softmax(logits / temperature)``.
 
-    The entropy uses ``H = lse - sum(p * z)``, which needs finite logits (a -inf logit gives nan).
+    The entropy is ``H = lse - sum(p * z)``; -inf logits (top-k or vocabulary masking) have ``p = 0`` and add
+    nothing, instead of ``0 * -inf = nan``.
     """
     logps, entropies = [], []
-    for start in range(0, logits.shape[0], ROW_CHUNK):
+    for start in _chunk_starts(logits):
         z = _scaled(logits[start : start + ROW_CHUNK], temperature)
         lab = labels[start : start + ROW_CHUNK].long().unsqueeze(-1)
         lse = torch.logsumexp(z, dim=-1)
         p = torch.softmax(z, dim=-1)
         logps.append(z.gather(-1, lab).squeeze(-1) - lse)
-        entropies.append(lse - (p * z).sum(-1))
-    if not logps:
-        empty = logits.new_zeros(0, dtype=torch.float32)
-        return empty, empty.clone()
+        entropies.append(lse - (p * finite_or_zero(z)).sum(-1))
     return torch.cat(logps), torch.cat(entropies)

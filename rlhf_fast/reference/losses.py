@@ -27,41 +27,38 @@ def aggregate(
     num_seqs: Count = None,
     loss_scale: Count = None,
 ) -> torch.Tensor:
-    """Turn per-token losses ``[B, T]`` into a scalar; a batch with no valid token gives 0."""
-    m = mask.to(torch.float32)
-    masked = upcast(losses) * m
+    """Turn per-token losses ``[B, T]`` into a scalar; a batch with no valid token gives 0.
+
+    Positions with mask 0 are selected away (not multiplied by 0), so nan / inf there never leaks into the loss.
+    Counts the batch computes itself are clamped to at least 1 (only an empty batch has none, and its numerator is
+    0 too); overrides are used as given (the ops check they are positive and finite).
+    """
+    valid = mask != 0
+    masked = torch.where(valid, upcast(losses), 0.0)
     if agg == "token-sum":
         return masked.sum()
     if agg == "token-mean":
-        denom = m.sum() if num_tokens is None else _as_float(num_tokens, m)
-        return masked.sum() / _at_least_one(denom)
-    tokens_per_row = m.sum(-1)
-    row_has_tokens = (tokens_per_row > 0).to(torch.float32)
+        tokens = valid.sum().clamp(min=1) if num_tokens is None else _as_float(num_tokens, masked)
+        return masked.sum() / tokens
+    tokens_per_row = valid.sum(-1)
+    row_has_tokens = tokens_per_row > 0
     row_sums = masked.sum(-1)
     if agg == "seq-mean-token-mean":
-        row_sums = row_sums / tokens_per_row.clamp(min=1.0)
-    seqs = row_has_tokens.sum() if num_seqs is None else _as_float(num_seqs, m)
-    loss = (row_sums * row_has_tokens).sum() / _at_least_one(seqs)
-    if agg == "seq-mean-token-sum":
+        row_sums = row_sums / tokens_per_row.clamp(min=1)
+    seqs = row_has_tokens.sum().clamp(min=1) if num_seqs is None else _as_float(num_seqs, masked)
+    loss = torch.where(row_has_tokens, row_sums, 0.0).sum() / seqs
+    if agg in ("seq-mean-token-sum", "seq-mean-token-mean"):
         return loss
     if agg == "seq-mean-token-sum-norm":
-        scale = float(losses.shape[-1]) if loss_scale is None else _as_float(loss_scale, m)
+        scale = float(max(losses.shape[-1], 1)) if loss_scale is None else _as_float(loss_scale, masked)
         return loss / scale
-    if agg == "seq-mean-token-mean":
-        return loss
     raise ValueError(f"agg: expected one of {list(AGG_MODES)}, got {agg!r}")
 
 
 def _as_float(value, like: torch.Tensor):
     if isinstance(value, torch.Tensor):
-        return value.to(device=like.device, dtype=torch.float32).reshape(())
+        return value.to(device=like.device, dtype=like.dtype).reshape(())
     return float(value)
-
-
-def _at_least_one(denom):
-    # Only an empty batch counts zero tokens or rows, and its numerator is 0 too: the result is 0, not nan.
-    # Overrides given as numbers were checked to be positive.
-    return denom.clamp(min=1.0) if isinstance(denom, torch.Tensor) else denom
 
 
 def clamp_closed(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -74,8 +71,8 @@ def clamp_closed(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(torch.float32)
-    return (upcast(x) * m).sum() / m.sum().clamp(min=1.0)
+    valid = mask != 0
+    return torch.where(valid, upcast(x), 0.0).sum() / valid.sum().clamp(min=1)
 
 
 def ppo_policy_loss(
@@ -95,10 +92,14 @@ def ppo_policy_loss(
 ) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate ``max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high))``, optional dual clip for A < 0."""
     clip_high = clip_low if clip_high is None else clip_high
-    adv = upcast(advantages)
+    valid = mask != 0
+    adv = upcast(advantages.detach())
     if adv.dim() == logp.dim() - 1:  # one advantage per sequence
         adv = adv.unsqueeze(-1).expand_as(logp)
-    log_ratio = upcast(logp) - upcast(old_logp)
+    # Only logp is differentiable (API.md). Masked positions are neutralised before any arithmetic, so padding
+    # holding inf / nan (old log-probs of -inf, say) cannot turn into nan gradients through 0 * inf.
+    adv = torch.where(valid, adv, 0.0)
+    log_ratio = torch.where(valid, upcast(logp) - upcast(old_logp.detach()), 0.0)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * clamp_closed(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -108,12 +109,12 @@ def ppo_policy_loss(
         dual_capped = (adv < 0) & (-adv * dual_clip < losses)
         losses = torch.where(dual_capped, -adv * dual_clip, losses)
     if is_weights is not None:
-        losses = losses * upcast(is_weights)
+        losses = losses * torch.where(valid, upcast(is_weights.detach()), 0.0)
     loss = aggregate(losses, mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale)
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(token_kl(logp.detach(), old_logp, estimator="k3"), mask),
+            "approx_kl": masked_mean(torch.exp(-log_ratio) - 1.0 + log_ratio, mask),  # k3 of old vs new
             "ratio_mean": masked_mean(ratio.detach(), mask),
         }
         if dual_capped is not None:
@@ -134,13 +135,16 @@ def ppo_value_loss(
     loss_scale: Count = None,
 ) -> tuple[torch.Tensor, dict]:
     """``0.5 * max((v - R)^2, (old_v + clamp(v - old_v, -clip, clip) - R)^2)``; ``clip=None`` disables clipping."""
-    v, ret = upcast(values), upcast(returns)
+    valid = mask != 0
+    # Only values is differentiable (API.md); masked positions are neutralised before any arithmetic.
+    v = torch.where(valid, upcast(values), 0.0)
+    ret = torch.where(valid, upcast(returns.detach()), 0.0)
     unclipped = (v - ret) ** 2
     if clip is None:
         losses = 0.5 * unclipped
         clipped_more = torch.zeros_like(unclipped, dtype=torch.bool)
     else:
-        old = upcast(old_values)
+        old = torch.where(valid, upcast(old_values.detach()), 0.0)
         v_clipped = old + clamp_closed(v - old, -clip, clip)
         clipped = (v_clipped - ret) ** 2
         losses = 0.5 * torch.maximum(unclipped, clipped)
@@ -172,7 +176,7 @@ def fused_ppo_loss(
     """``logits[B, T, V]`` -> policy loss + ``kl_coef * agg(kl)`` - ``entropy_coef * agg(entropy)``."""
     rows, steps = old_logp.shape
     logp, entropy = logprobs_and_entropy(
-        logits.reshape(rows * steps, -1), labels.reshape(-1), temperature=temperature
+        logits.reshape(rows * steps, logits.shape[-1]), labels.reshape(-1), temperature=temperature
     )
     return policy_loss_terms(
         logp.view(rows, steps),
@@ -209,7 +213,7 @@ def policy_loss_terms(
     counts = dict(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale)
     loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, **counts, **policy_kwargs)
     if ref_logp is not None:
-        kl = token_kl(logp, ref_logp, estimator=kl_estimator)
+        kl = token_kl(logp, torch.where(mask != 0, ref_logp.detach(), 0.0), estimator=kl_estimator)
         if kl_coef != 0.0:
             loss = loss + kl_coef * aggregate(kl, mask, **counts)
         stats["kl"] = masked_mean(kl.detach(), mask)
