@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ._version import __version__
@@ -41,8 +42,15 @@ def _run_training(stage: str, config_path: str) -> int:
     except (FileNotFoundError, ValueError, TypeError) as error:
         print(f"rlhf-fast {stage}: error: {error}", file=sys.stderr)
         return 2
-    trainer.train()
-    print(f"rlhf-fast {stage}: done; metrics and checkpoints in {trainer.args.output_dir}")
+    try:
+        trainer.train()
+    finally:  # under torchrun: leave the process group cleanly (NCCL warns otherwise)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"rlhf-fast {stage}: done; metrics and checkpoints in {trainer.args.output_dir}")
     return 0
 
 
