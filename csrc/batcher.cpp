@@ -9,6 +9,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "batcher.h"
 #include "registry.h"
@@ -44,6 +45,36 @@ py::tuple flatten(const std::vector<const Groups*>& parts) {
     return py::make_tuple(order, offsets);
 }
 
+// Sums of user-supplied int64 sizes stay at or below 2**62 (the limit rlhf_fast/batching/_checks.py enforces),
+// which leaves room for the doubled values the refinement compares; float64 sums stay below 2**1010 (the
+// Python checks stop at 2**1000, so rounding in the sum never makes this check the stricter one).
+constexpr int64_t kIntSumLimit = int64_t(1) << 62;
+const double kFloatSumLimit = std::ldexp(1.0, 1010);
+constexpr int64_t kMaxGroups = std::numeric_limits<int32_t>::max();
+
+// Sum of values >= 0, or a ValueError naming the argument when it passes kIntSumLimit (checked before adding).
+int64_t checked_sum(const int64_t* values, int64_t n, const char* name) {
+    int64_t total = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        if (values[i] > kIntSumLimit - total) {
+            throw std::invalid_argument(std::string(name) + ": expected values whose sum is at most 2**62, got " +
+                                        "a larger sum at index " + std::to_string(i));
+        }
+        total += values[i];
+    }
+    return total;
+}
+
+void check_group_count(const char* name, int64_t value) {
+    if (value < 1) {
+        throw std::invalid_argument(std::string(name) + ": expected an integer >= 1, got " + std::to_string(value));
+    }
+    if (value > kMaxGroups) {
+        throw std::invalid_argument(std::string(name) + ": expected an integer <= " + std::to_string(kMaxGroups) +
+                                    ", got " + std::to_string(value));
+    }
+}
+
 void check_weights_1d(const py::array& weights) {
     if (weights.ndim() != 1) {
         throw std::invalid_argument("weights: expected a 1-D array, got " + std::to_string(weights.ndim()) +
@@ -56,7 +87,7 @@ void check_weights_1d(const py::array& weights) {
 
 template <typename W>
 Groups partition_checked(const W* w, int64_t n, int64_t k, bool equal_size) {
-    if (k < 1) throw std::invalid_argument("k: expected an integer >= 1, got " + std::to_string(k));
+    check_group_count("k", k);
     if (equal_size && n % k != 0) {
         throw std::invalid_argument("weights: equal_size=True expects a length divisible by k=" +
                                     std::to_string(k) + ", got " + std::to_string(n));
@@ -65,6 +96,16 @@ Groups partition_checked(const W* w, int64_t n, int64_t k, bool equal_size) {
         if (!(w[i] >= W(0)) || !std::isfinite(static_cast<double>(w[i]))) {
             throw std::invalid_argument("weights: expected finite values >= 0, got " + std::to_string(w[i]) +
                                         " at index " + std::to_string(i));
+        }
+    }
+    if constexpr (std::is_same<W, int64_t>::value) {
+        checked_sum(w, n, "weights");
+    } else {
+        double total = 0.0;
+        for (int64_t i = 0; i < n; ++i) total += w[i];
+        if (!(total < kFloatSumLimit)) {
+            throw std::invalid_argument("weights: expected values whose sum is below 2**1010, got " +
+                                        std::to_string(total));
         }
     }
     py::gil_scoped_release release;
@@ -98,7 +139,8 @@ py::tuple plan(const I64Array& lengths, const py::array& weights, int64_t max_to
         throw std::invalid_argument("weights: expected one weight per length");
     }
     if (max_tokens < 1) throw std::invalid_argument("max_tokens: expected an integer >= 1");
-    if (min_micro_batches < 1) throw std::invalid_argument("min_micro_batches: expected an integer >= 1");
+    check_group_count("num_ranks", num_ranks);
+    check_group_count("min_micro_batches", min_micro_batches);
     const int64_t* len = lengths.data();
     for (int64_t i = 0; i < lengths.shape(0); ++i) {
         if (len[i] < 1 || len[i] > max_tokens) {
@@ -106,6 +148,7 @@ py::tuple plan(const I64Array& lengths, const py::array& weights, int64_t max_to
                                         "], got " + std::to_string(len[i]) + " at index " + std::to_string(i));
         }
     }
+    checked_sum(len, lengths.shape(0), "lengths");
     const Groups ranks = partition_any(weights, num_ranks, equal_size);
     std::vector<Groups> micro_batches;
     {
@@ -127,14 +170,27 @@ struct Sources {
     int64_t total = 0;
 };
 
+// The copies below are raw memcpy: only plain-data dtypes (bool, integers, floats, complex) in native byte
+// order are safe. An object array holds PyObject* pointers, which a memcpy copies without a reference, so the
+// result would point at freed objects once the sources die; strings, datetimes and structs are refused too.
+void check_plain_dtype(const py::dtype& dtype) {
+    const char kind = dtype.kind();
+    const bool plain = kind == 'b' || kind == 'i' || kind == 'u' || kind == 'f' || kind == 'c';
+    if (!plain || dtype.attr("hasobject").cast<bool>() || !dtype.attr("isnative").cast<bool>()) {
+        throw py::type_error("dtype: expected a bool, integer, float or complex dtype in native byte order, got " +
+                             std::string(py::str(dtype)));
+    }
+}
+
 Sources gather_sources(const py::list& arrays, const py::dtype& dtype) {
+    check_plain_dtype(dtype);
     Sources s;
     for (size_t i = 0; i < arrays.size(); ++i) {
         if (!py::isinstance<py::array>(arrays[i])) {
             throw py::type_error("arrays[" + std::to_string(i) + "]: expected a NumPy array");
         }
         py::array a = py::reinterpret_borrow<py::array>(arrays[i]);
-        if (a.dtype().num() != dtype.num() || a.itemsize() != dtype.itemsize()) {
+        if (a.dtype().not_equal(dtype) || a.itemsize() != dtype.itemsize()) {
             throw py::type_error("arrays[" + std::to_string(i) + "]: expected dtype " + std::string(py::str(dtype)) +
                                  ", got " + std::string(py::str(a.dtype())));
         }
@@ -185,8 +241,9 @@ void fill_items(char* dst, int64_t count, const char* value, size_t item) {
 
 py::array pad_rows(const py::list& arrays, const py::dtype& dtype, int64_t width, const py::array& fill,
                    bool left) {
+    if (width < 0) throw std::invalid_argument("width: expected an integer >= 0, got " + std::to_string(width));
     const Sources s = gather_sources(arrays, dtype);
-    if (fill.size() != 1 || fill.dtype().num() != dtype.num()) {
+    if (fill.size() != 1 || fill.dtype().not_equal(dtype)) {
         throw py::type_error("fill: expected one value of dtype " + std::string(py::str(dtype)));
     }
     for (size_t i = 0; i < s.count.size(); ++i) {
@@ -226,8 +283,7 @@ void check_seq_lens(const I64Array& seq_lens, int64_t width) {
 
 I64Array packed_positions(const I64Array& seq_lens) {
     check_seq_lens(seq_lens, std::numeric_limits<int64_t>::max() / 2);
-    int64_t total = 0;
-    for (int64_t i = 0; i < seq_lens.shape(0); ++i) total += seq_lens.data()[i];
+    const int64_t total = checked_sum(seq_lens.data(), seq_lens.shape(0), "seq_lens");
     I64Array out(total);
     const int64_t* lens = seq_lens.data();
     int64_t* dst = out.mutable_data();

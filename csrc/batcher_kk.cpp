@@ -1,6 +1,9 @@
 // Karmarkar-Karp k-way largest differencing plus a move/swap refinement; see rlhf_fast/batching/_kk.py.
 #include <algorithm>
+#include <limits>
 #include <numeric>
+#include <stdexcept>
+#include <string>
 
 #include "batcher.h"
 
@@ -160,6 +163,20 @@ void refine(const W* w, Groups& groups, std::vector<W>& sums, bool allow_moves, 
 
 template <typename W>
 Groups kk_partition(const W* w, int64_t n, int64_t k, bool equal_size) {
+    // The state arrays hold slots * k entries and int32 item links: k = 0 sized them to nothing (the first put
+    // wrote out of bounds), and k or n past int32 could overflow slots * k. Refuse instead of trusting callers.
+    constexpr int64_t limit = std::numeric_limits<int32_t>::max();
+    if (k < 1 || k > limit) {
+        throw std::invalid_argument("k: expected an integer in [1, " + std::to_string(limit) + "], got " +
+                                    std::to_string(k));
+    }
+    if (n < 0 || n >= limit) {
+        throw std::invalid_argument("weights: expected fewer than 2**31 items, got " + std::to_string(n));
+    }
+    if (equal_size && n % k != 0) {
+        throw std::invalid_argument("weights: equal_size=True expects a length divisible by k=" +
+                                    std::to_string(k) + ", got " + std::to_string(n));
+    }
     Groups groups(k);
     if (n == 0) return groups;
     const int64_t slots = equal_size ? n / k : n;

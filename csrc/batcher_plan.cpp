@@ -1,5 +1,7 @@
 // Micro-batch planning for one set of rank groups; see rlhf_fast/batching/_plan.py for the steps and why.
 #include <algorithm>
+#include <stdexcept>
+#include <string>
 
 #include "batcher.h"
 
@@ -50,6 +52,7 @@ void fill_empty(Groups& groups, const int64_t* lengths) {
 
 // KK split of a sorted index list into k groups by tokens.
 Groups split(const Group& items, int64_t k, const int64_t* lengths) {
+    if (k < 1) throw std::invalid_argument("split: expected k >= 1, got " + std::to_string(k));
     std::vector<int64_t> weights(items.size());
     for (size_t p = 0; p < items.size(); ++p) weights[p] = lengths[items[p]];
     Groups positions = kk_partition<int64_t>(weights.data(), weights.size(), k, false);
@@ -88,7 +91,9 @@ Groups first_fit_decreasing(const Group& items, const int64_t* lengths, int64_t 
 Groups fewest(const Group& items, const int64_t* lengths, int64_t cap, bool& from_kk) {
     from_kk = true;
     if (items.empty()) return {};
-    const int64_t lower_bound = (tokens(items, lengths) + cap - 1) / cap;
+    // ceil(tokens / cap) without tokens + cap - 1, which overflows int64 for a cap near 2**63 (and gave 0).
+    const int64_t total = tokens(items, lengths);
+    const int64_t lower_bound = total / cap + (total % cap != 0);
     Groups groups = split(items, lower_bound, lengths);
     if (heaviest_group(groups, lengths) <= cap) return groups;
     from_kk = false;
@@ -145,6 +150,8 @@ void order_heaviest_first(Groups& micro_batches, const int64_t* lengths, int64_t
 
 std::vector<Groups> plan_ranks(const int64_t* lengths, const Groups& ranks, int64_t max_tokens,
                                int64_t min_micro_batches) {
+    if (max_tokens < 1) throw std::invalid_argument("max_tokens: expected an integer >= 1");
+    if (min_micro_batches < 1) throw std::invalid_argument("min_micro_batches: expected an integer >= 1");
     int64_t n = 0;
     for (const Group& r : ranks) n += r.size();
     std::vector<Groups> bases;

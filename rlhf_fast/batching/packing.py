@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _backend
-from ._checks import check_option, check_positive_int, to_numpy
+from ._checks import MAX_GROUPS, check_option, check_plain_dtype, check_positive_int, to_numpy
 
 
 @dataclass
@@ -120,7 +120,7 @@ def pad(sequences, *, indices=None, fields=None, padding_side="right", pad_value
     """
     check_option("padding_side", padding_side, ("right", "left"))
     if pad_to_multiple_of is not None:
-        pad_to_multiple_of = check_positive_int("pad_to_multiple_of", pad_to_multiple_of)
+        pad_to_multiple_of = check_positive_int("pad_to_multiple_of", pad_to_multiple_of, MAX_GROUPS)
     selected, seq_lens, picked = _select(sequences, indices)
     ids = [_token_ids(sequences, i) for i in picked]
     extras = {name: _field(name, values, picked, seq_lens, len(sequences)) for name, values in _fields(fields)}
@@ -237,7 +237,7 @@ def _length(sequences, i) -> int:
 
 def _token_ids(sequences, i) -> np.ndarray:
     array = np.asarray(to_numpy(sequences[i]))
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+    if array.dtype.kind not in "iu":  # not bool, not timedelta64 (an integer subtype in NumPy), not object
         raise TypeError(f"sequences[{i}]: expected integer token ids, got dtype {array.dtype}")
     return np.ascontiguousarray(array, dtype=np.int64)
 
@@ -267,10 +267,8 @@ def _field(name, values, picked, seq_lens, count):
                 f"fields[{name!r}][{i}]: expected shape ({length},) (the length of sequences[{i}]), "
                 f"got {array.shape}"
             )
-        if array.dtype != np.bool_ and not np.issubdtype(array.dtype, np.number):
-            raise TypeError(f"fields[{name!r}][{i}]: expected a numeric or bool dtype, got {array.dtype}")
-        if np.issubdtype(array.dtype, np.complexfloating):
-            raise TypeError(f"fields[{name!r}][{i}]: expected a real or bool dtype, got {array.dtype}")
+        # Object (pointers), string, datetime / timedelta and struct arrays are refused on both paths.
+        check_plain_dtype(f"fields[{name!r}][{i}]", array.dtype)
         arrays.append(array)
     dtype = np.result_type(*arrays) if arrays else np.dtype(np.float32)
     return [np.ascontiguousarray(a, dtype=dtype) for a in arrays], dtype, name
@@ -293,12 +291,14 @@ def _pad_scalar(name, value, dtype) -> np.ndarray:
 
 
 def _concat(native, arrays, dtype) -> np.ndarray:
+    check_plain_dtype("dtype", dtype)  # the callers pass checked dtypes; the C++ copies are raw memcpy
     if native is not None:
         return native.batcher_concat(arrays, np.dtype(dtype))
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
 
 def _pad_rows(native, arrays, dtype, width, fill, left) -> np.ndarray:
+    check_plain_dtype("dtype", dtype)
     if native is not None:
         return native.batcher_pad_rows(arrays, np.dtype(dtype), width, fill, left)
     out = np.full((len(arrays), width), fill, dtype=dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _backend, _kk
-from ._checks import check_lengths, check_positive_int, workload_weights
+from ._checks import MAX_GROUPS, check_lengths, check_positive_int, workload_weights
 
 
 def balanced_partition(lengths, k, *, equal_size: bool = False, workload=None, backend=None) -> list[list[int]]:
@@ -15,7 +15,7 @@ def balanced_partition(lengths, k, *, equal_size: bool = False, workload=None, b
 
     Args:
         lengths: 1-D integers >= 0 (list, NumPy array or torch tensor), e.g. sequence lengths in tokens.
-        k: number of groups, >= 1. Groups may be empty when there are fewer items than groups.
+        k: number of groups, in [1, 2**31 - 1]. Groups may be empty when there are fewer items than groups.
         equal_size: every group gets exactly ``len(lengths) / k`` items (``len(lengths) % k`` must be 0).
         workload: what to balance: ``None`` / ``"tokens"`` (the lengths), ``"attention"`` (``len**2``) or
             ``(a, b)`` for ``a * len + b * len**2``.
@@ -26,7 +26,7 @@ def balanced_partition(lengths, k, *, equal_size: bool = False, workload=None, b
         index, so the result is deterministic.
     """
     lengths = check_lengths("lengths", lengths, minimum=0)
-    k = check_positive_int("k", k)
+    k = check_positive_int("k", k, MAX_GROUPS)
     if equal_size and lengths.size % k:
         raise ValueError(
             f"lengths: equal_size=True expects a length divisible by k={k}, got {lengths.size} sequences"

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _backend, _plan
-from ._checks import check_lengths, check_positive_int, workload_weights
+from ._checks import MAX_GROUPS, check_lengths, check_positive_int, workload_weights
 from .partition import split_flat
 
 
@@ -56,7 +56,8 @@ def plan_micro_batches(lengths, max_tokens, *, num_ranks=1, equal_size: bool = F
 
     Args:
         lengths: 1-D integers >= 1, tokens per sequence (prompt + response as the model sees them).
-        max_tokens: token budget of one micro-batch (>= 1). A longer sequence raises ``ValueError``.
+        max_tokens: token budget of one micro-batch (>= 1; any size, a cap past the total tokens plans as no
+            cap). A longer sequence raises ``ValueError``.
         num_ranks: data-parallel ranks (>= 1).
         equal_size: every rank gets ``len(lengths) / num_ranks`` sequences.
         workload: what ranks balance: ``None`` / ``"tokens"``, ``"attention"`` or ``(a, b)``; see
@@ -66,8 +67,8 @@ def plan_micro_batches(lengths, max_tokens, *, num_ranks=1, equal_size: bool = F
     """
     lengths = check_lengths("lengths", lengths, minimum=1)
     max_tokens = check_positive_int("max_tokens", max_tokens)
-    num_ranks = check_positive_int("num_ranks", num_ranks)
-    min_micro_batches = check_positive_int("min_micro_batches", min_micro_batches)
+    num_ranks = check_positive_int("num_ranks", num_ranks, MAX_GROUPS)
+    min_micro_batches = check_positive_int("min_micro_batches", min_micro_batches, MAX_GROUPS)
     if lengths.size and int(lengths.max()) > max_tokens:
         where = int(np.argmax(lengths > max_tokens))
         raise ValueError(
@@ -80,12 +81,16 @@ def plan_micro_batches(lengths, max_tokens, *, num_ranks=1, equal_size: bool = F
             f"got {lengths.size} sequences"
         )
     weights = workload_weights(lengths, workload)
+    # A cap at or above the total token count plans exactly like the total itself (every rank fits in one
+    # micro-batch at the lower bound, and every split fits), so both paths get min(max_tokens, total): any
+    # Python int is accepted, and the C++ path never sees a cap past int64 (< 2**62 by check_lengths).
+    cap = min(max_tokens, max(int(lengths.sum()), 1))
     native = _backend.choose(backend)
     if native is None:
-        micro_batches = _plan.plan(lengths.tolist(), weights.tolist(), max_tokens, num_ranks, bool(equal_size),
+        micro_batches = _plan.plan(lengths.tolist(), weights.tolist(), cap, num_ranks, bool(equal_size),
                                    min_micro_batches)
     else:
-        order, offsets, count = native.batcher_plan(lengths, np.ascontiguousarray(weights), max_tokens,
+        order, offsets, count = native.batcher_plan(lengths, np.ascontiguousarray(weights), cap,
                                                     num_ranks, bool(equal_size), min_micro_batches)
         flat = split_flat(order, offsets)
         micro_batches = [flat[r * count : (r + 1) * count] for r in range(num_ranks)]
