@@ -59,14 +59,19 @@ def make_batch(rows=3, steps=5, vocab=V, dtype=torch.float32, seed=0, temperatur
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def run(impl, batch, upstream=1.0, **kw):
-    """Loss, stats and logits.grad of one implementation on a fresh copy of the logits."""
-    x = batch["logits"].detach().clone().requires_grad_(True)
+def run(impl, batch, upstream=1.0, *, leaf=False, **kw):
+    """Loss, stats and d loss / d logits of one implementation on a fresh copy of the logits.
+
+    The logits passed in are a non-leaf tensor (like an lm_head output; a leaf takes the out-of-place path of
+    ``inplace_grad=True``), unless ``leaf``. Returns the gradient and the tensor passed in.
+    """
+    param = batch["logits"].detach().clone().requires_grad_(True)
+    x = param if leaf else param.clone()
     args = {k: v for k, v in batch.items() if k != "logits"}
     args.update(kw)
     loss, stats = impl(x, args.pop("labels"), args.pop("old_logp"), args.pop("advantages"), args.pop("mask"), **args)
     (loss * upstream).backward()
-    return loss.detach(), {k: v.detach() for k, v in stats.items()}, x.grad, x
+    return loss.detach(), {k: v.detach() for k, v in stats.items()}, param.grad, x
 
 
 def reference(batch, upstream=1.0, **kw):
@@ -214,8 +219,7 @@ def test_sliced_logits_view(inplace_grad):
     torch.testing.assert_close(loss, r_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(full.grad, ref_full.grad, atol=1e-6, rtol=1e-5)
     assert (full.grad[:, -1] == 0).all()
-    if not inplace_grad:
-        assert torch.equal(full.detach(), batch["logits"])
+    assert torch.equal(full.detach(), batch["logits"])  # a view of a leaf: never written, even in place
 
 
 def test_inplace_grad_false_leaves_logits_untouched():
@@ -285,6 +289,138 @@ def test_batch_invariance_bitwise():
         assert torch.equal(full_grad[start:stop], part_grad)
     again = run(ops.fused_ppo_loss, batch, **kw)
     assert torch.equal(again[2], full_grad)
+
+
+# ---- inplace_grad=True: when the gradient may overwrite the logits, and what happens when it may not ----------
+
+
+def _call(logits, batch, **kw):
+    return ops.fused_ppo_loss(logits, batch["labels"], batch["old_logp"], batch["advantages"], batch["mask"], **kw)
+
+
+def test_inplace_path_decision():
+    """Host-side checks only: non-leaf fp32 / bf16 logits (also sliced) keep the in-place fast path."""
+    from rlhf_fast.kernels.fused_loss import _can_write_gradient_inplace
+
+    leaf = torch.randn(2, 4, 8, requires_grad=True)
+    out = leaf * 1  # a non-leaf, like an lm_head output
+    assert _can_write_gradient_inplace(out)
+    assert _can_write_gradient_inplace(out[:, :-1])
+    assert _can_write_gradient_inplace(out.reshape(8, 8).reshape(2, 4, 8))
+    assert _can_write_gradient_inplace(out.to(torch.bfloat16))
+    assert _can_write_gradient_inplace(out[:1].reshape(1, 4, 8))
+    assert not _can_write_gradient_inplace(out.to(torch.float16))  # loss scaling: see below
+    assert not _can_write_gradient_inplace(leaf)
+    assert not _can_write_gradient_inplace(leaf[:, :-1])  # a view of a leaf
+    assert not _can_write_gradient_inplace(out[:1].expand(3, 4, 8))  # rows overlap
+    assert not _can_write_gradient_inplace(out[:, :1].expand(2, 4, 8))  # time steps overlap
+
+
+@pytest.mark.parametrize("inplace_grad", [True, False])
+def test_expanded_logits_get_the_right_gradient(inplace_grad):
+    """Internally overlapping logits (several rows on one memory) take the out-of-place path."""
+    batch = make_batch(rows=3, steps=4, seed=30)
+    kw = dict(FULL, ref_logp=batch["ref_logp"], is_weights=batch["is_weights"])
+    base_batch = dict(batch, logits=batch["logits"][:1])
+
+    def grad_of(impl, **extra):
+        base = base_batch["logits"].float().detach().clone().requires_grad_(True)
+        loss, _ = impl((base * 1).expand(3, 4, V), batch["labels"], batch["old_logp"], batch["advantages"],
+                       batch["mask"], **kw, **extra)
+        (0.7 * loss).backward()
+        return loss.detach(), base.grad
+
+    loss, grad = grad_of(ops.fused_ppo_loss, inplace_grad=inplace_grad)
+    r_loss, r_grad = grad_of(ref.fused_ppo_loss)
+    torch.testing.assert_close(loss, r_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, r_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_fp16_logits_under_loss_scaling_keep_small_gradients():
+    """GradScaler-style ``(loss * 65536).backward()`` on fp16 logits: the scale is applied before the gradient
+    is rounded to fp16 (out-of-place path), so entries below fp16's range at upstream 1 survive."""
+    batch = make_batch(rows=4, steps=8, vocab=512, dtype=torch.float16, seed=31)
+    kw = dict(ref_logp=None, is_weights=None, num_tokens=2e5)
+    _, _, grad, _ = run(ops.fused_ppo_loss, batch, 65536.0, inplace_grad=True, **kw)
+    _, _, r_grad, _ = reference(batch, 65536.0, **kw)
+    want_nonzero = int((r_grad.to(torch.float16) != 0).sum())
+    assert want_nonzero > 1000
+    assert int((grad != 0).sum()) >= 0.99 * want_nonzero
+    torch.testing.assert_close(grad.float(), r_grad, atol=1e-3, rtol=2e-2)
+
+
+def test_second_backward_through_inplace_gradient_raises():
+    batch = make_batch(seed=32)
+    kw = dict(FULL, ref_logp=batch["ref_logp"])
+    x = batch["logits"].detach().clone().requires_grad_(True)
+    loss, _ = _call(x * 1, batch, inplace_grad=True, **kw)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    with pytest.raises(RuntimeError, match="supports a single backward"):
+        (2.0 * loss).backward()
+    torch.testing.assert_close(x.grad, first)  # no partial accumulation either
+    # The out-of-place path supports retain_graph and any number of backward passes.
+    y = batch["logits"].detach().clone().requires_grad_(True)
+    loss, _ = _call(y * 1, batch, inplace_grad=False, **kw)
+    loss.backward(retain_graph=True)
+    (2.0 * loss).backward()
+    torch.testing.assert_close(y.grad, 3.0 * first, atol=1e-6, rtol=1e-5)
+
+
+def test_inplace_gradient_bumps_the_version_of_saved_logits():
+    """Another node that saved the logits for its backward must not silently read the gradient instead."""
+    batch = make_batch(seed=33)
+    kw = dict(FULL, ref_logp=batch["ref_logp"])
+
+    def total(inplace_grad):
+        x = batch["logits"].detach().clone().requires_grad_(True)
+        y = x * 1
+        sq = (y * y).sum()  # saves y
+        loss, _ = _call(y, batch, inplace_grad=inplace_grad, **kw)
+        (loss + 0.01 * sq).backward()
+        return x.grad
+
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        total(True)
+    x = batch["logits"].detach().clone().requires_grad_(True)
+    r_loss, _ = ref.fused_ppo_loss(x, batch["labels"], batch["old_logp"], batch["advantages"], batch["mask"], **kw)
+    (r_loss + 0.01 * (x * x).sum()).backward()
+    torch.testing.assert_close(total(False), x.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_leaf_logits_are_never_overwritten():
+    batch = make_batch(seed=34)
+    kw = dict(FULL, ref_logp=batch["ref_logp"])
+    loss, stats, grad, x = run(ops.fused_ppo_loss, batch, 2.0, leaf=True, inplace_grad=True, **kw)
+    assert torch.equal(x.detach(), batch["logits"])
+    assert x.grad.data_ptr() != x.data_ptr()
+    check((loss, stats, grad, x), reference(batch, 2.0, **kw))
+
+
+@pytest.mark.parametrize("inplace_grad", [True, False])
+def test_double_backward_raises(inplace_grad):
+    batch = make_batch(seed=35)
+    x = batch["logits"].detach().clone().requires_grad_(True)
+    loss, _ = _call(x * 1, batch, inplace_grad=inplace_grad, entropy_coef=0.01)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_logprobs_and_linear_double_backward_raise():
+    batch = make_batch(seed=36)
+    logits = batch["logits"].view(-1, V).detach().clone().requires_grad_(True)
+    labels = batch["labels"].view(-1)
+    logp, ent = ops.logprobs_and_entropy(logits, labels)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad((logp + ent).sum(), logits, create_graph=True)
+    logp = ops.selective_log_softmax(logits, labels)
+    (g,) = torch.autograd.grad(logp.sum(), logits)  # first order still works
+    assert not g.requires_grad
+    h = torch.randn(4, 16, requires_grad=True)
+    w = torch.randn(V, 16, requires_grad=True)
+    logp = ops.linear_logprobs(h, w, labels[:4])
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(logp.sum(), (h, w), create_graph=True)
 
 
 # ---- GPU: bf16 at realistic sizes ---------------------------------------------------------------------------

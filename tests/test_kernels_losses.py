@@ -294,6 +294,64 @@ def test_token_kl_forward_backward(backend, tol, estimator, dtype, shape):
         torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol)
 
 
+# ---- differentiable inputs only; first order only ----------------------------------------------------------------
+
+
+def test_policy_loss_grad_only_through_logp(backend, tol):
+    """old_logp / advantages / is_weights / a float mask that require grad are constants: no crash, no grads."""
+    logp, old, adv, mask, isw = _policy_inputs(rows=3, steps=20, isw=True, seed=21)
+    backend("triton")
+    consts = [t.detach().clone().requires_grad_(True) for t in (old, adv, mask.float(), isw)]
+    o, a, m, w = consts
+    loss, stats = ops.ppo_policy_loss(logp, o, a, m, is_weights=w, dual_clip=2.0)  # logp needs no grad
+    if loss.requires_grad:  # a loss that requires grad must at least backward without crashing
+        loss.backward()
+    assert not loss.requires_grad
+    x = logp.detach().clone().requires_grad_(True)
+    loss, _ = ops.ppo_policy_loss(x, o, a, m, is_weights=w, dual_clip=2.0)
+    grads = torch.autograd.grad(1.3 * loss, [x, *consts], allow_unused=True)
+    assert all(g is None for g in grads[1:])
+    want = _run_policy(backend, "triton", logp, old, adv, mask, 1.3, is_weights=isw, dual_clip=2.0)[2]
+    torch.testing.assert_close(grads[0], want, atol=tol(torch.float32)[0], rtol=tol(torch.float32)[1])
+
+
+def test_value_loss_grad_only_through_values(backend, tol):
+    values, old, returns, mask = _value_inputs(rows=3, steps=20, seed=22)
+    backend("triton")
+    consts = [t.detach().clone().requires_grad_(True) for t in (old, returns, mask.float())]
+    loss, _ = ops.ppo_value_loss(values, *consts, clip=0.1)
+    if loss.requires_grad:
+        loss.backward()
+    assert not loss.requires_grad
+    x = values.detach().clone().requires_grad_(True)
+    loss, _ = ops.ppo_value_loss(x, *consts, clip=0.1)
+    grads = torch.autograd.grad(0.4 * loss, [x, *consts], allow_unused=True)
+    assert all(g is None for g in grads[1:])
+    want = _run_value(backend, "triton", values, old, returns, mask, 0.4, clip=0.1)[2]
+    torch.testing.assert_close(grads[0], want, atol=tol(torch.float32)[0], rtol=tol(torch.float32)[1])
+
+
+def test_double_backward_raises(backend):
+    """The Triton backwards are first order: create_graph=True is an error, never first-order grads."""
+    logp, old, adv, mask, _ = _policy_inputs(rows=2, steps=9, seed=23)
+    values, v_old, returns, v_mask = _value_inputs(rows=2, steps=9, seed=24)
+    backend("triton")
+    x = logp.detach().clone().requires_grad_(True)
+    loss, _ = ops.ppo_policy_loss(x, old, adv, mask)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    v = values.detach().clone().requires_grad_(True)
+    loss, _ = ops.ppo_value_loss(v, v_old, returns, v_mask)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, v, create_graph=True)
+    r = old.detach().clone().requires_grad_(True)
+    kl = ops.token_kl(x, r)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(kl.sum(), (x, r), create_graph=True)
+    (g,) = torch.autograd.grad(ops.ppo_policy_loss(x, old, adv, mask)[0], x)  # first order still works
+    assert g.shape == x.shape and not g.requires_grad
+
+
 # ---- GPU: bf16 and realistic sizes ----------------------------------------------------------------------------
 
 

@@ -12,7 +12,8 @@ bound; see issue 3 for why single-read designs lost in Triton):
 2. ``logprobs._logits_grad_kernel``: recomputes ``p`` from ``lse`` and writes ``dloss/dlogits`` in the logits
    dtype. With ``inplace_grad=True`` it runs inside the forward and writes over the logits buffer (the backward
    then returns that buffer, scaled by a third kernel only when the upstream gradient is not 1); with
-   ``inplace_grad=False`` it runs in the backward into a fresh buffer, the upstream gradient read on device.
+   ``inplace_grad=False`` -- or fp16, leaf or self-overlapping logits, see ``fused_ppo_loss`` -- it runs in the
+   backward into a fresh buffer, the upstream gradient read on device.
 
 Masked tokens (``mask == 0``) never read their logits row: their terms and gradient are exactly 0.
 """
@@ -24,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import first_order_only
 from ._ppo_math import ESTIMATOR_CODES, kl_token, policy_token_loss
 from ._weights import token_weights
 from .logprobs import (
@@ -208,6 +210,30 @@ def _loss_and_stats(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sums[LOSS], sums[CLIPPED:COUNT] / sums[COUNT].clamp(min=1.0)
 
 
+def _has_internal_overlap(x: torch.Tensor) -> bool:
+    """Whether two elements of ``x`` may share memory (stride 0, e.g. ``expand``), by a cheap stride test.
+
+    Dimensions of size > 1, sorted by stride, must each step over everything the smaller ones span. Layouts
+    that fail the test but do not actually overlap only lose the in-place gradient (safe, not wrong).
+    """
+    span = 1
+    for size, stride in sorted((d for d in zip(x.shape, x.stride()) if d[0] > 1), key=lambda d: d[1]):
+        if stride < span:
+            return True
+        span = stride * size
+    return False
+
+
+def _can_write_gradient_inplace(logits3: torch.Tensor) -> bool:
+    """Whether the gradient may overwrite ``logits3`` (see ``fused_ppo_loss``); host-side metadata checks only."""
+    if logits3.dtype == torch.float16:
+        return False  # the upstream gradient (loss scale) must be applied before rounding to fp16
+    base = logits3._base if logits3._is_view() else logits3
+    if base.is_leaf:
+        return False  # the leaf's data would be overwritten and its .grad would alias it
+    return not _has_internal_overlap(logits3)
+
+
 class _FusedPPOLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits3, labels, temperature, inplace_grad, kwargs):
@@ -219,7 +245,12 @@ class _FusedPPOLossFunction(torch.autograd.Function):
                 logits3, logits3, labels, out["lse"], out["ent"], out["g_logp"], out["g_ent"], None, temperature,
                 t_inner=steps,
             )
-            ctx.save_for_backward(logits3)
+            # The logits changed: any other autograd node that saved them (or a view) for its backward now
+            # raises autograd's "modified by an inplace operation" error instead of using the gradient as logits.
+            # The buffer is kept on ctx, not saved, so this node's own backward does not trip that check.
+            torch.autograd.graph.increment_version(logits3)
+            ctx.grad_buffer = logits3
+            ctx.backward_done = False
         else:
             ctx.save_for_backward(logits3, labels, out["lse"], out["ent"], out["g_logp"], out["g_ent"])
         ctx.inplace_grad = inplace_grad
@@ -230,9 +261,18 @@ class _FusedPPOLossFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_loss, _g_stats):
         if ctx.inplace_grad:
-            (grad,) = ctx.saved_tensors
+            if ctx.backward_done:
+                # The buffer already holds (and handed out) the scaled gradient of the first backward.
+                raise RuntimeError(
+                    "fused_ppo_loss(inplace_grad=True) supports a single backward; use inplace_grad=False with "
+                    "retain_graph"
+                )
+            ctx.backward_done = True
+            grad = ctx.grad_buffer
+            ctx.grad_buffer = None
             # Rescales only when the upstream gradient is not 1, decided on the device (no sync).
             launch_scale_rows(grad, g_loss.float().contiguous(), t_inner=ctx.steps)
             return grad, None, None, None, None
@@ -270,12 +310,32 @@ def fused_ppo_loss(
     """``logits[R, T, V]`` -> policy loss + ``kl_coef * agg(kl)`` - ``entropy_coef * agg(entropy)``, and stats.
 
     Same signature and numbers as ``rlhf_fast.reference.losses.fused_ppo_loss``. Per-token tensors are
-    ``[R, T]`` (``advantages`` may be an expanded ``[R] -> [R, T]`` view). With ``inplace_grad=True`` and a
-    logits tensor that requires grad, the gradient is computed here and written over ``logits``; with
-    ``inplace_grad=False`` the logits are never written. Differentiable with respect to ``logits`` only.
+    ``[R, T]`` (``advantages`` may be an expanded ``[R] -> [R, T]`` view). Differentiable with respect to
+    ``logits`` only, first order only (double backward raises).
+
+    With ``inplace_grad=False`` the logits are never written; the gradient is computed in the backward into a
+    fresh buffer, with the upstream gradient applied in float32 before rounding to the logits dtype.
+
+    With ``inplace_grad=True`` (the fast path: no ``[R, T, V]`` allocation) and logits that require grad, the
+    gradient of the loss (upstream 1) is computed here and written over ``logits``; the backward returns that
+    buffer, rescaled in place when the upstream gradient is not 1. The logits' autograd version counter is
+    bumped, so another node that saved ``logits`` (or a view of its storage) for its own backward raises
+    autograd's "modified by an inplace operation" error rather than using the gradient as logits; pass
+    ``inplace_grad=False`` then. The node supports a single backward: a second one (``retain_graph=True``)
+    raises. The out-of-place path is taken instead, whatever ``inplace_grad`` says, for
+
+    - float16 logits: the gradient would be rounded to fp16 before a loss scale (GradScaler) multiplies it, so
+      small entries would flush to zero. bfloat16 and float32 keep the in-place path: they have float32's
+      exponent range, so rounding before the scale loses nothing but the usual relative precision;
+    - leaf logits (or views of a leaf): the leaf's data would be overwritten and its ``.grad`` would alias it;
+    - logits whose elements overlap in memory (e.g. an ``expand``-ed view): several rows would write one place.
     """
     rows, steps = old_logp.shape
     vocab = logits.shape[-1]
+    # Constants of the loss even if they require grad (only the logits are differentiable).
+    old_logp, advantages, mask = old_logp.detach(), advantages.detach(), mask.detach()
+    ref_logp = None if ref_logp is None else ref_logp.detach()
+    is_weights = None if is_weights is None else is_weights.detach()
     logits3 = logits.reshape(rows, steps, vocab)
     if logits3.stride(-1) != 1:
         logits3 = logits3.contiguous()
@@ -299,7 +359,8 @@ def fused_ppo_loss(
     labels = _flat(labels, rows, steps)
     temperature = float(temperature)
     if torch.is_grad_enabled() and logits.requires_grad:
-        loss, fractions = _FusedPPOLossFunction.apply(logits3, labels, temperature, bool(inplace_grad), kwargs)
+        inplace = bool(inplace_grad) and _can_write_gradient_inplace(logits3)
+        loss, fractions = _FusedPPOLossFunction.apply(logits3, labels, temperature, inplace, kwargs)
     else:
         out = fused_forward(logits3, labels, temperature=temperature, need_grad=False, **kwargs)
         loss, fractions = _loss_and_stats(out["terms"])

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import first_order_only
 from ._ppo_math import ESTIMATOR_CODES, kl_token
 
 BLOCK = 1024
@@ -58,6 +59,7 @@ class TokenKL(torch.autograd.Function):
         return out.view(shape)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_out):
         lp, rf = ctx.saved_tensors
         need_logp, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from ..reference.losses import policy_loss_terms
+from ._autograd import first_order_only
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -404,6 +405,7 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]

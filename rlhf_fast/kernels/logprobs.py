@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import first_order_only
+
 # Vocabulary chunk per loop step of the statistics pass (one warp per row, many rows per SM: Liger's tuned point
 # for this loop on H100) and of the gradient pass (read + write: a wide chunk and 16 warps). Both depend on V
 # only, never on the batch (batch invariance). Tests lower MAX_BLOCK_V to cover multi-chunk rows cheaply.
@@ -284,6 +286,7 @@ class _LogProbsFunction(torch.autograd.Function):
         return (logp, ent) if with_entropy else logp
 
     @staticmethod
+    @first_order_only
     def backward(ctx, g_logp, g_ent=None):
         logits, labels, lse, ent = ctx.saved_tensors
         if g_logp is None and g_ent is None:

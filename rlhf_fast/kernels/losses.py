@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autograd import first_order_only
 from ._ppo_math import kl_token, policy_token_loss
 from ._weights import token_weights
 
@@ -204,7 +205,7 @@ class _PolicyLoss(torch.autograd.Function):
         block_r, block_t, grid_r, grid_t = _tiles(R, T)
         P = grid_r * grid_t
         device = logp.device
-        store_grad = logp.requires_grad
+        store_grad = ctx.needs_input_grad[0]
         partials = (torch.empty if P else torch.zeros)((NSTAT, max(P, 1)), dtype=torch.float32, device=device)
         gfac = torch.empty((R, T), dtype=torch.float32, device=device) if store_grad else weights
         if P:
@@ -219,13 +220,18 @@ class _PolicyLoss(torch.autograd.Function):
         out = _finalize(partials, max(P, 1))
         if store_grad:
             ctx.save_for_backward(gfac)
+        ctx.store_grad = store_grad
         ctx.dtype = logp.dtype
         stats = (out[_CLIP], out[_KL], out[_RATIO], out[_DUAL])
         ctx.mark_non_differentiable(*stats)
         return (out[_LOSS], *stats)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, *_):
+        # Only ``logp`` is differentiable; the other inputs get None (the wrapper detaches them anyway).
+        if not ctx.store_grad:
+            return (None,) * 9
         (gfac,) = ctx.saved_tensors
         return (_backward(gfac, grad_loss, ctx.dtype),) + (None,) * 8
 
@@ -237,7 +243,7 @@ class _ValueLoss(torch.autograd.Function):
         block_r, block_t, grid_r, grid_t = _tiles(R, T)
         P = grid_r * grid_t
         device = values.device
-        store_grad = values.requires_grad
+        store_grad = ctx.needs_input_grad[0]
         partials = (torch.empty if P else torch.zeros)((NSTAT, max(P, 1)), dtype=torch.float32, device=device)
         gfac = torch.empty((R, T), dtype=torch.float32, device=device) if store_grad else weights
         if P:
@@ -249,13 +255,18 @@ class _ValueLoss(torch.autograd.Function):
         out = _finalize(partials, max(P, 1))
         if store_grad:
             ctx.save_for_backward(gfac)
+        ctx.store_grad = store_grad
         ctx.dtype = values.dtype
         stats = (out[_VCLIP], out[_VALUE])
         ctx.mark_non_differentiable(*stats)
         return (out[_LOSS], *stats)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss, *_):
+        # Only ``values`` is differentiable.
+        if not ctx.store_grad:
+            return (None,) * 6
         (gfac,) = ctx.saved_tensors
         return (_backward(gfac, grad_loss, ctx.dtype),) + (None,) * 5
 
@@ -286,6 +297,9 @@ def ppo_policy_loss(
     ``is_weights`` are treated as constants even if they require grad.
     """
     clip_high = clip_low if clip_high is None else clip_high
+    # Constants of the loss even if they require grad: the loss then requires grad only through ``logp``.
+    old_logp, advantages, mask = old_logp.detach(), advantages.detach(), mask.detach()
+    is_weights = None if is_weights is None else is_weights.detach()
     if logp.dim() != 2:
         raise ValueError(f"logp: expected a 2-d tensor [R, T], got shape {tuple(logp.shape)}")
     if advantages.dim() == 1:
@@ -319,6 +333,7 @@ def ppo_value_loss(
 
     Differentiable with respect to ``values`` only; ``old_values`` and ``returns`` are constants.
     """
+    old_values, returns, mask = old_values.detach(), returns.detach(), mask.detach()
     if values.dim() != 2:
         raise ValueError(f"values: expected a 2-d tensor [R, T], got shape {tuple(values.shape)}")
     for name, t in (("old_values", old_values), ("returns", returns), ("mask", mask)):
