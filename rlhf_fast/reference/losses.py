@@ -213,7 +213,8 @@ def policy_loss_terms(
     counts = dict(agg=agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale)
     loss, stats = ppo_policy_loss(logp, old_logp, advantages, mask, **counts, **policy_kwargs)
     if ref_logp is not None:
-        kl = token_kl(logp, torch.where(mask != 0, ref_logp.detach(), 0.0), estimator=kl_estimator)
+        valid = mask != 0  # neutralise masked positions first: exp(-r) there may overflow, and 0 * inf = nan
+        kl = token_kl(torch.where(valid, logp, 0.0), torch.where(valid, ref_logp.detach(), 0.0), estimator=kl_estimator)
         if kl_coef != 0.0:
             loss = loss + kl_coef * aggregate(kl, mask, **counts)
         stats["kl"] = masked_mean(kl.detach(), mask)
