@@ -220,10 +220,10 @@ def test_gpu_bf16_batch_invariance():
 COMPILE_SCRIPT = """
     from rlhf_fast.kernels import logprobs as P
 
-    fwd = {"X": "*bf16", "stride_x": "i64", "LABELS": "*i64", "LOGP": "*fp32", "ENT": "*fp32", "LSE": "*fp32",
+    fwd = {"X": "*bf16", "stride_xr": "i64", "stride_xt": "i64", "LABELS": "*i64", "LOGP": "*fp32", "ENT": "*fp32", "LSE": "*fp32",
            "inv_t": "fp32"}
     ptx = compile_one(P._logprobs_fwd_kernel, fwd, {"HAS_TEMP": True, "WITH_ENTROPY": True, "STORE_LSE": True,
-                      "BLOCK_V": 2048}, div=("X", "stride_x", "V"), num_warps=1, num_stages=2).asm["ptx"]
+                      "BLOCK_V": 2048}, div=("X", "stride_xr", "stride_xt", "V"), num_warps=1, num_stages=2).asm["ptx"]
     assert "ld.global.v4" in ptx, "the logits loads are not vectorised"
     compile_one(P._logprobs_fwd_kernel, dict(fwd, X="*fp16", LABELS="*i32", inv_t="fp64"),
                 {"HAS_TEMP": False, "WITH_ENTROPY": False, "STORE_LSE": False, "BLOCK_V": 4096}, num_warps=4)

@@ -76,7 +76,9 @@ def _online_lse_pass(
 @triton.jit
 def _logprobs_fwd_kernel(
     X,
-    stride_x,
+    stride_xr,
+    stride_xt,
+    T_INNER,
     LABELS,
     LOGP,
     ENT,
@@ -89,8 +91,10 @@ def _logprobs_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    r = row // T_INNER  # token row = (r, tt) of an [R, T_INNER, V] view (T_INNER = 1 for [N, V])
+    tt = row - r * T_INNER
     inv_t = tl.cast(inv_t, tl.float32)
-    x_ptr = X + row * stride_x
+    x_ptr = X + r * stride_xr + tt * stride_xt
     m, s, t = _online_lse_pass(x_ptr, V, inv_t, HAS_TEMP, WITH_ENTROPY, BLOCK_V)
     log_s = tl.log(s)
     lse = m + log_s
@@ -211,22 +215,28 @@ def _inv_temperature(temperature: float) -> tuple[float, bool]:
 
 
 def _rows(logits: torch.Tensor) -> torch.Tensor:
-    """A 2-D view whose last dimension is contiguous (the kernels take a row stride)."""
+    """``[N, V]`` or ``[R, T, V]`` with a contiguous last dimension (the kernels take the other two strides), so
+    a sliced view such as ``logits[:, :-1]`` is read in place instead of copied."""
     return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def _time_extent(logits: torch.Tensor) -> int:
+    return logits.shape[1] if logits.dim() == 3 else 1
 
 
 def logprobs_forward(logits, labels, temperature, *, with_entropy: bool, store_lse: bool):
     """Launch the statistics pass; returns float32 ``(logp, entropy or None, lse or None)``."""
     logits = _rows(logits)
     labels = labels.contiguous()
-    rows, vocab = logits.shape
+    rows, vocab = labels.numel(), logits.shape[-1]
     logp = torch.empty(rows, dtype=torch.float32, device=logits.device)
     ent = torch.empty_like(logp) if with_entropy else None
     lse = torch.empty_like(logp) if store_lse else None
     if rows:
         inv_t, has_temp = _inv_temperature(temperature)
+        xs = _strides(logits)
         _logprobs_fwd_kernel[(rows,)](
-            logits, logits.stride(0), labels, logp, ent if with_entropy else logp, lse if store_lse else logp,
+            logits, xs[0], xs[1], _time_extent(logits), labels, logp, ent if with_entropy else logp, lse if store_lse else logp,
             vocab, inv_t, HAS_TEMP=has_temp, WITH_ENTROPY=with_entropy, STORE_LSE=store_lse,
             **forward_config(vocab, with_entropy=with_entropy),
         )
@@ -296,7 +306,7 @@ class _LogProbsFunction(torch.autograd.Function):
             logits, grad, labels, lse, ent,
             None if g_logp is None else g_logp.float().contiguous(),
             None if g_ent is None else g_ent.float().contiguous(),
-            None, ctx.temperature, t_inner=1,
+            None, ctx.temperature, t_inner=_time_extent(logits),
         )
         return grad, None, None, None
 
@@ -306,7 +316,8 @@ def _needs_grad(logits: torch.Tensor) -> bool:
 
 
 def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """``log_softmax(logits / temperature)[label]`` for ``logits[N, V]``, ``labels[N]``; float32 ``[N]``."""
+    """``log_softmax(logits / temperature)[label]`` for ``logits[N, V]`` or ``[R, T, V]`` (any strides but a
+    contiguous last dimension) and ``labels[N]``; float32 ``[N]``."""
     if _needs_grad(logits):
         return _LogProbsFunction.apply(logits, labels, float(temperature), False)
     logp, _, _ = logprobs_forward(logits, labels, float(temperature), with_entropy=False, store_lse=False)

@@ -20,15 +20,23 @@ def check_logits_and_labels(logits, labels) -> int:
     return vocab
 
 
+def rows_time_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """``[N, V]`` and ``[R, T, V]`` pass as they are (a sliced ``logits[:, :-1]`` is not copied: the kernels take
+    its strides); more leading dimensions fold into ``R``."""
+    if logits.dim() <= 3:
+        return logits
+    return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
+
+
 def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """``log_softmax(logits / temperature)[labels]``: ``logits[*, V]``, ``labels[*]`` -> float32 ``[*]``.
 
     Differentiable with respect to ``logits``. The Triton path never makes a float32 copy of ``logits``.
     """
-    vocab = check_logits_and_labels(logits, labels)
+    check_logits_and_labels(logits, labels)
     temperature = v.check_number("temperature", temperature, greater_than=0.0)
     impl = resolve("selective_log_softmax", logits.device)
-    logp = impl(logits.reshape(-1, vocab), labels.reshape(-1), temperature=temperature)
+    logp = impl(rows_time_vocab(logits), labels.reshape(-1), temperature=temperature)
     return logp.view(labels.shape)
 
 
@@ -36,8 +44,8 @@ def logprobs_and_entropy(
     logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Label log-prob and entropy ``-sum p log p`` of ``softmax(logits / temperature)``, both float32 ``[*]``."""
-    vocab = check_logits_and_labels(logits, labels)
+    check_logits_and_labels(logits, labels)
     temperature = v.check_number("temperature", temperature, greater_than=0.0)
     impl = resolve("logprobs_and_entropy", logits.device)
-    logp, entropy = impl(logits.reshape(-1, vocab), labels.reshape(-1), temperature=temperature)
+    logp, entropy = impl(rows_time_vocab(logits), labels.reshape(-1), temperature=temperature)
     return logp.view(labels.shape), entropy.view(labels.shape)

@@ -27,7 +27,9 @@ def finite_or_zero(z: torch.Tensor) -> torch.Tensor:
 
 
 def selective_log_softmax(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """``log_softmax(logits / temperature)[label]`` for ``logits[N, V]``, ``labels[N]``; float32 ``[N]``."""
+    """``log_softmax(logits / temperature)[label]`` for ``logits[N, V]`` (or ``[R, T, V]``), ``labels[N]``;
+    float32 ``[N]``."""
+    logits = logits.reshape(-1, logits.shape[-1])
     out = []
     for start in _chunk_starts(logits):
         z = _scaled(logits[start : start + ROW_CHUNK], temperature)
@@ -44,6 +46,7 @@ def logprobs_and_entropy(
     The entropy is ``H = lse - sum(p * z)``; -inf logits (top-k or vocabulary masking) have ``p = 0`` and add
     nothing, instead of ``0 * -inf = nan``.
     """
+    logits = logits.reshape(-1, logits.shape[-1])
     logps, entropies = [], []
     for start in _chunk_starts(logits):
         z = _scaled(logits[start : start + ROW_CHUNK], temperature)
