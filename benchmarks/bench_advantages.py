@@ -1,11 +1,11 @@
-"""The advantages benchmark family: ``python benchmarks/bench_advantages.py [--quick] [--out DIR]``."""
-import argparse
+"""GAE (per-timestep loop, C++ sweep, Triton) and masked whitening.
 
-from rlhf_fast.bench import run_benchmarks
+``python benchmarks/bench_advantages.py [--quick] [--out DIR]`` (``--quick``: tiny shapes on CPU in seconds); the same as
+``rlhf-fast bench --only advantages``. Writes a CSV, a markdown table and PNG plots (default DIR: bench_out/advantages).
+"""
+import sys
+
+from rlhf_fast.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small shapes, a few repetitions (CPU CI)")
-    parser.add_argument("--out", default="bench_out/advantages", help="output directory (CSV, markdown, plots)")
-    args = parser.parse_args()
-    run_benchmarks(out_dir=args.out, quick=args.quick, only=["advantages"])
+    sys.exit(main(["bench", "--only", "advantages", "--out", "bench_out/advantages", *sys.argv[1:]]))

@@ -1,14 +1,11 @@
-"""Fused linear log-probs / PPO loss benchmarks: ``python benchmarks/bench_linear.py [--quick] [--out DIR]``.
+"""Fused linear log-probs / PPO loss from hidden states (full size needs a CUDA GPU: N=8192, H=4096, V=151936).
 
-Full size needs a CUDA GPU (N=8192, H=4096, V=151936, bf16); ``--quick`` runs tiny shapes on CPU in seconds.
+``python benchmarks/bench_linear.py [--quick] [--out DIR]`` (``--quick``: tiny shapes on CPU in seconds); the same as
+``rlhf-fast bench --only linear``. Writes a CSV, a markdown table and PNG plots (default DIR: bench_out/linear).
 """
-import argparse
+import sys
 
-from rlhf_fast.bench import run_benchmarks
+from rlhf_fast.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, CPU friendly")
-    parser.add_argument("--out", default="bench_out/linear", help="output folder for CSV, markdown and plots")
-    args = parser.parse_args()
-    run_benchmarks(out_dir=args.out, quick=args.quick, only=["linear"])
+    sys.exit(main(["bench", "--only", "linear", "--out", "bench_out/linear", *sys.argv[1:]]))

@@ -1,14 +1,11 @@
-"""Log-probs / entropy / fused PPO loss from logits: ``python benchmarks/bench_logprobs.py [--quick] [--out DIR]``.
+"""Log-probs / entropy / fused PPO loss from logits (full size needs a CUDA GPU: B=4, T=2048, V=151936).
 
-Full size needs a CUDA GPU (B=4, T=2048, V=151936, bf16); ``--quick`` runs tiny shapes on CPU in seconds.
+``python benchmarks/bench_logprobs.py [--quick] [--out DIR]`` (``--quick``: tiny shapes on CPU in seconds); the same as
+``rlhf-fast bench --only logprobs``. Writes a CSV, a markdown table and PNG plots (default DIR: bench_out/logprobs).
 """
-import argparse
+import sys
 
-from rlhf_fast.bench import run_benchmarks
+from rlhf_fast.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, CPU friendly")
-    parser.add_argument("--out", default="bench_out/logprobs", help="output folder for CSV, markdown and plots")
-    args = parser.parse_args()
-    run_benchmarks(out_dir=args.out, quick=args.quick, only=["logprobs"])
+    sys.exit(main(["bench", "--only", "logprobs", "--out", "bench_out/logprobs", *sys.argv[1:]]))

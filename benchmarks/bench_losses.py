@@ -1,11 +1,11 @@
-"""The losses benchmark family: ``python benchmarks/bench_losses.py [--quick] [--out DIR]``."""
-import argparse
+"""PPO policy + value losses forward and backward.
 
-from rlhf_fast.bench import run_benchmarks
+``python benchmarks/bench_losses.py [--quick] [--out DIR]`` (``--quick``: tiny shapes on CPU in seconds); the same as
+``rlhf-fast bench --only losses``. Writes a CSV, a markdown table and PNG plots (default DIR: bench_out/losses).
+"""
+import sys
+
+from rlhf_fast.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small shapes, a few repetitions (CPU CI)")
-    parser.add_argument("--out", default="bench_out/losses", help="output directory (CSV, markdown, plots)")
-    args = parser.parse_args()
-    run_benchmarks(out_dir=args.out, quick=args.quick, only=["losses"])
+    sys.exit(main(["bench", "--only", "losses", "--out", "bench_out/losses", *sys.argv[1:]]))
