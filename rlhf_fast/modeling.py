@@ -2,7 +2,8 @@
 
 The trainer never asks a model for its ``[B, T, V]`` logits: it runs the decoder body, takes the last hidden
 state (after the final norm) and the LM head, and hands both to ``rlhf_fast.ops.linear_logprobs`` /
-``fused_linear_ppo_loss``, which never hold the logits either.
+``fused_linear_ppo_loss``, which never hold the logits either. Under DDP / FSDP2 the trainers run this inside
+``FusedLinearLM``'s forward, the module the wrapper holds.
 """
 from __future__ import annotations
 
@@ -124,3 +125,59 @@ def sequence_logprobs(
         hidden[:, :-1], weight, input_ids[:, 1:], bias=bias, temperature=temperature,
         return_entropy=return_entropy,
     )
+
+
+class FusedLinearLM(torch.nn.Module):
+    """A causal LM whose ``forward`` runs the body *and* the fused linear ops on its own LM head.
+
+    DDP all-reduces the gradients of, and FSDP2 gathers the parameters for, what a module's own ``forward``
+    uses; calling the body and reading ``lm_head.weight`` around the wrapper (as ``hidden_and_lm_head`` on the
+    bare model does) would escape both. The trainers therefore wrap this module when log-probs come from the
+    hidden states:
+
+    - ``forward(input_ids, attention_mask)``: ``sequence_logprobs`` of the model (``temperature``,
+      ``return_entropy`` as there);
+    - ``forward(input_ids, attention_mask, ppo_loss={old_logp, advantages, mask, ...})``: ``(loss, stats)`` of
+      ``ops.fused_linear_ppo_loss(hidden[:, :-1], weight, input_ids[:, 1:], bias=bias, temperature=..., **ppo_loss)``;
+    - ``generate(...)``: the model's own ``generate`` (FSDP2 registers it as a forward method, so the head and
+      the embedding are gathered for the whole decoding loop).
+
+    The model's children are registered as this module's own children (the model itself is kept unregistered),
+    so parameter names, state dicts, DCP checkpoints and optimizer state keys are exactly the model's: a
+    checkpoint does not depend on whether it was written through this module. Tied embeddings stay one
+    parameter. Models with parameters or buffers of their own outside any submodule are refused.
+    """
+
+    _fsdp_forward_methods = ("generate",)
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        own = [name for name, _ in model.named_parameters(recurse=False)]
+        own += [name for name, _ in model.named_buffers(recurse=False)]
+        if own:
+            raise NotImplementedError(
+                f"FusedLinearLM: {type(model).__name__} holds tensors outside its submodules ({own}); "
+                "expected a causal LM made of a decoder body and an LM head"
+            )
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "lm", model)  # not a submodule: its children are ours, under the same names
+        self.training = model.training
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.lm.training = mode  # the children are shared; the model object's own flag follows too
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                temperature: float = 1.0, return_entropy: bool = False, ppo_loss: Optional[dict] = None,
+                position_ids: Optional[torch.Tensor] = None):
+        if ppo_loss is None:
+            return sequence_logprobs(self.lm, input_ids, attention_mask, temperature=temperature,
+                                     return_entropy=return_entropy, position_ids=position_ids)
+        hidden, weight, bias = hidden_and_lm_head(self.lm, input_ids, attention_mask, position_ids)
+        return ops.fused_linear_ppo_loss(hidden[:, :-1], weight, input_ids[:, 1:], bias=bias,
+                                         temperature=temperature, **ppo_loss)
+
+    def generate(self, *args, **kwargs):
+        return self.lm.generate(*args, **kwargs)

@@ -1,9 +1,10 @@
 """Data-parallel training under torchrun equals one process on the same global batch (2 CPU ranks, gloo).
 
-One ``torchrun --standalone --nproc_per_node 2`` launch runs this file as a script: a reward-model update and
-a PPO step (GAE, trained critic, KL in the reward, two minibatches, micro-batches from the batcher) under DDP and
-under FSDP2, each with ``per_device_train_batch_size`` = half the single-process batch; rank 0 writes the
-checkpoints. The tests then run the same updates in one process (``distributed="none"``) and compare the
+One ``torchrun --standalone --nproc_per_node 2`` launch runs this file as a script: an SFT and a reward-model
+update, a PPO step (GAE, trained critic, KL in the reward, two minibatches, micro-batches from the batcher), a GRPO
+step and PPO / GRPO steps with ``logprobs_from_hidden`` (fused linear log-probs and loss inside the wrapped
+``FusedLinearLM``; untied and tied embeddings) under DDP and under FSDP2, each with ``per_device_train_batch_size``
+= half the single-process batch; rank 0 writes the checkpoints. The tests then run the same updates in one process (``distributed="none"``) and compare the
 parameters, and resume a 2-rank FSDP2 checkpoint in one process.
 
 Rollouts: sampling with ``generate`` draws from the global RNG of each rank, so which rank samples a prompt
@@ -38,9 +39,10 @@ PROMPTS = [p for p, _ in task.all_prompts()[:16]]
 TOLERANCE = 1e-5
 
 
-def tiny(tokenizer, kind="lm", seed=0):
+def tiny(tokenizer, kind="lm", seed=0, tie=False):
     torch.manual_seed(seed)
     config = tiny_llama_config(tokenizer, hidden_size=32, layers=1, heads=2)
+    config.tie_word_embeddings = tie
     cls = transformers.LlamaForCausalLM if kind == "lm" else transformers.LlamaForSequenceClassification
     return cls(config)
 
@@ -100,13 +102,24 @@ def fixed_rollouts(trainer):
 # other two in two micro-batches, so the first runs a zero-weight placeholder pass (counted by the worker)
 GRPO = dict(advantage_estimator="grpo", num_generations=2, num_mini_batches=4, max_tokens_per_micro_batch=16,
             prompts_per_step=6, reward_model=positive_fraction)
+# logprobs_from_hidden: old / reference log-probs by linear_logprobs and the policy loss by fused_linear_ppo_loss,
+# from the last hidden states and the LM head, inside the wrapped module's forward; KL and entropy in the loss so
+# that the reference log-probs (another model's) and the entropy term reach the gradient. Untied (GAE with a critic) and tied
+# embeddings (GRPO, uneven micro-batches with placeholder passes).
+FROM_HIDDEN = {
+    "hidden": dict(logprobs_from_hidden=True, kl_penalty="loss", kl_estimator="k3", kl_coef=0.5, entropy_coef=0.05,
+                   ref_seed=2),
+    "hidden-tied": dict(GRPO, logprobs_from_hidden=True, kl_penalty="loss", kl_estimator="k2", kl_coef=0.5,
+                        entropy_coef=0.05, tie=True, ref_seed=2),
+}
 
 
-def ppo_trainer(tokenizer, out, world, prompts_per_step=8, reward_model=None, **overrides):
+def ppo_trainer(tokenizer, out, world, prompts_per_step=8, reward_model=None, tie=False, ref_seed=0, **overrides):
     settings = dict(output_dir=str(out), max_steps=2, learning_rate=0.3, response_length=6, temperature=1.0,
                     num_ppo_epochs=2, num_mini_batches=2, seed=3, max_tokens_per_micro_batch=32, **QUIET)
     args = PPOConfig(**{**settings, **overrides, "per_device_train_batch_size": prompts_per_step // world})
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=tiny(tokenizer), ref_model=tiny(tokenizer),
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=tiny(tokenizer, tie=tie),
+                         ref_model=tiny(tokenizer, seed=ref_seed, tie=tie),
                          reward_model=reward_model or tiny(tokenizer, "rm", seed=1),
                          train_dataset=[{"prompt": p} for p in PROMPTS])
     return fixed_rollouts(trainer)
@@ -134,6 +147,15 @@ def worker(out: str) -> None:
         trainer.train()
         with open(os.path.join(out, f"grpo-{strategy}", f"placeholders_{trainer.dist.rank}.json"), "w") as handle:
             json.dump(placeholders, handle)
+        for name, overrides in FROM_HIDDEN.items():
+            ppo_run(tokenizer, os.path.join(out, f"ppo-{name}-{strategy}"), RANKS, steps=1, distributed=strategy,
+                    **overrides)
+        # real sampling through FusedLinearLM.generate (under FSDP2 a registered forward method of the root)
+        trainer = ppo_trainer(tokenizer, os.path.join(out, f"ppo-hidden-sampled-{strategy}"), RANKS,
+                              distributed=strategy, **FROM_HIDDEN["hidden-tied"])
+        del trainer._generate  # back to the class's sampling
+        trainer.num_ppo_steps = 1
+        trainer.train()
 
 
 def count_placeholder_passes(trainer) -> dict:
@@ -240,6 +262,46 @@ def test_distributed_grpo_update_with_uneven_micro_batches_equals_one_process(tw
     assert sum(p["placeholder"] for p in passes) > 0, passes  # the uneven plan was exercised
     assert len({p["placeholder"] + p["real"] for p in passes}) == 1, passes  # ... with equal pass counts
     assert read_metrics(folder)[0]["reward"] == pytest.approx(single.logger.history[0]["reward"], abs=1e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", list(FROM_HIDDEN))
+def test_distributed_ppo_logprobs_from_hidden_equals_one_process(two_rank_runs, tokenizer, tmp_path, strategy, name):
+    """The fused linear path (no [N, V] logits) under DDP / FSDP2: its gradients are all-reduced (DDP) and its
+    head and embedding gathered (FSDP2) because it runs inside the wrapped FusedLinearLM's forward."""
+    overrides = FROM_HIDDEN[name]
+    single = ppo_run(tokenizer, tmp_path, 1, steps=1, distributed="none", **overrides)
+    tie = overrides.get("tie", False)
+    policy = single.policy
+    assert (policy.lm_head.weight is policy.model.embed_tokens.weight) == tie  # still tied after training
+    folder = two_rank_runs / f"ppo-{name}-{strategy}"
+    saved = saved_weights(folder / "final" / "model")
+    if tie:  # save_pretrained writes a tied matrix once
+        saved.setdefault("lm_head.weight", saved.get("model.embed_tokens.weight"))
+    assert_same_parameters(saved, policy, tiny(tokenizer, tie=tie), f"policy, {name}, {strategy}")
+    if single.value_model is not None:
+        assert_same_parameters(saved_weights(folder / "final" / "value_model"), single.value_model,
+                               tiny(tokenizer, "rm", seed=1), f"critic, {name}, {strategy}")
+    ranks, one = read_metrics(folder), single.logger.history
+    for key in ("reward", "kl", "pg_loss", "entropy", "clip_frac", "approx_kl", "grad_norm"):
+        assert ranks[0][key] == pytest.approx(one[0][key], abs=1e-5), key
+
+
+def test_distributed_ppo_logprobs_from_hidden_samples_alike_under_ddp_and_fsdp2(two_rank_runs, tokenizer):
+    """Real sampling with logprobs_from_hidden: under FSDP2 the policy's FusedLinearLM is the sharded root and
+    samples through its registered ``generate``. Each rank draws from its own seed (seed + rank) either way, so
+    DDP and FSDP2 sample the same responses and end at the same parameters."""
+    ddp, fsdp2 = (two_rank_runs / f"ppo-hidden-sampled-{s}" for s in STRATEGIES)
+    first, second = read_metrics(ddp)[0], read_metrics(fsdp2)[0]
+    for key in ("reward", "kl", "pg_loss", "entropy", "response_length", "grad_norm"):
+        assert second[key] == pytest.approx(first[key], abs=1e-5), key
+    a, b = saved_weights(ddp / "final" / "model"), saved_weights(fsdp2 / "final" / "model")
+    for saved in (a, b):  # a tied matrix: DDP's save_pretrained writes it once, FSDP2's gathered state twice
+        saved.setdefault("lm_head.weight", saved["model.embed_tokens.weight"])
+    assert sorted(a) == sorted(b)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= TOLERANCE
+    assert max(float((a[k] - v).abs().max()) for k, v in tiny(tokenizer, tie=True).state_dict().items()
+               if k in a) > 100 * TOLERANCE
 
 
 def test_distributed_fsdp2_checkpoint_resumes_on_one_process(two_rank_runs, tokenizer, tmp_path):

@@ -4,7 +4,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rlhf_fast.modeling import hidden_and_lm_head, sequence_logprobs  # noqa: E402
+from rlhf_fast import ops  # noqa: E402
+from rlhf_fast.modeling import FusedLinearLM, hidden_and_lm_head, sequence_logprobs  # noqa: E402
 
 B, T, V = 2, 13, 101
 
@@ -84,3 +85,69 @@ def test_logit_transforms_are_refused():
         sequence_logprobs(model, _ids())
     with pytest.raises(ValueError, match="input_ids"):
         hidden_and_lm_head(_model(), _ids()[0])
+
+
+def _ppo_inputs(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, T - 1)
+    mask[0, -3:] = 0
+    return dict(old_logp=-5 - torch.rand(B, T - 1, generator=g), advantages=torch.randn(B, T - 1, generator=g),
+                mask=mask, ref_logp=-5 - torch.rand(B, T - 1, generator=g), kl_coef=0.3, entropy_coef=0.02)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_fused_linear_lm_is_the_model_under_the_same_names(tie):
+    """The module DDP / FSDP2 wrap for logprobs_from_hidden: the model's parameters under the model's names (so
+    checkpoints and optimizer state do not depend on it), a tied matrix still one parameter, train / eval
+    reaching the model object too."""
+    model = _model(tie=tie)
+    runner = FusedLinearLM(model)
+    assert [(n, id(p)) for n, p in runner.named_parameters()] == [(n, id(p)) for n, p in model.named_parameters()]
+    assert list(runner.state_dict()) == list(model.state_dict())
+    assert (runner.lm_head.weight is runner.model.embed_tokens.weight) == tie
+    assert not runner.training and not model.training  # follows the (eval) model it was built from
+    runner.train()
+    assert model.training and all(m.training for m in model.modules())
+    runner.eval()
+    assert not model.training and not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_fused_linear_lm_forward_equals_the_bare_model_path(tie, backend):
+    """Its forward gives exactly (bitwise) the log-probs, loss, stats and gradients of calling
+    hidden_and_lm_head / sequence_logprobs on the bare model, so one-process training is unchanged."""
+    backend("torch")
+    model = _model(tie=tie)
+    runner = FusedLinearLM(model)
+    ids = _ids(seed=3)
+    attention = torch.ones(B, T, dtype=torch.long)
+    attention[0, -3:] = 0
+    with torch.no_grad():
+        assert torch.equal(runner(ids, attention, temperature=0.7), sequence_logprobs(model, ids, attention,
+                                                                                       temperature=0.7))
+    inputs = _ppo_inputs()
+    loss, stats = runner(ids, attention, temperature=0.7, ppo_loss=inputs)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    hidden, weight, bias = hidden_and_lm_head(model, ids, attention)
+    old, adv, mask = inputs.pop("old_logp"), inputs.pop("advantages"), inputs.pop("mask")
+    loss_r, stats_r = ops.fused_linear_ppo_loss(hidden[:, :-1], weight, ids[:, 1:], old, adv, mask, bias=bias,
+                                                temperature=0.7, **inputs)
+    loss_r.backward()
+    assert torch.equal(loss, loss_r)
+    assert sorted(stats) == sorted(stats_r) and all(torch.equal(stats[k], stats_r[k]) for k in stats)
+    for name, p in model.named_parameters():
+        assert p.grad.abs().sum() > 0, name  # every parameter is used inside forward (what DDP expects)
+        assert torch.equal(ours[name], p.grad), name
+
+
+def test_fused_linear_lm_generate_and_refusals():
+    model = _model()
+    runner = FusedLinearLM(model)
+    ids = _ids()[:1, :5]
+    torch.testing.assert_close(runner.generate(input_ids=ids, max_new_tokens=3, do_sample=False),
+                               model.generate(input_ids=ids, max_new_tokens=3, do_sample=False))
+    model.register_parameter("logit_bias", torch.nn.Parameter(torch.zeros(V)))
+    with pytest.raises(NotImplementedError, match="logit_bias"):
+        FusedLinearLM(model)

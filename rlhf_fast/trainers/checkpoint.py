@@ -103,7 +103,12 @@ def _save_pretrained(dist: Distributed, model, wrapped, folder: str) -> None:
 
     full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_main:
-        prefix = next(name for name, m in wrapped.named_modules() if m is model)
+        # the model's place in the wrapped module (a scalar-head wrapper's ``model.``); a FusedLinearLM holds
+        # the model's children under the model's own names, so nothing to strip there
+        if getattr(wrapped, "lm", None) is model:
+            prefix = ""
+        else:
+            prefix = next(name for name, m in wrapped.named_modules() if m is model)
         prefix = f"{prefix}." if prefix else ""
         state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)

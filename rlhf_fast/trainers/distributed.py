@@ -65,7 +65,7 @@ class Distributed:
 
     def _fully_shard(self, module: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -75,7 +75,16 @@ class Distributed:
         block_names = {name for m in module.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
         for block in [m for m in module.modules() if type(m).__name__ in block_names]:
             fully_shard(block, mesh=mesh, mp_policy=policy)
-        return fully_shard(module, mesh=mesh, mp_policy=policy)
+        # the root's inputs are token ids and masks, and for FusedLinearLM the loss inputs (old / reference
+        # log-probs, advantages): those must stay fp32, so the root does not cast its inputs to param_dtype
+        root_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
+                                           cast_forward_inputs=False)
+        root = fully_shard(module, mesh=mesh, mp_policy=root_policy)
+        # methods other than forward that use the root's parameters (FusedLinearLM.generate: the head and the
+        # embedding, gathered once for the whole decoding loop)
+        for name in getattr(module, "_fsdp_forward_methods", ()):
+            register_fsdp_forward_method(root, name)
+        return root
 
     def gradient_sync(self, modules: Iterable[torch.nn.Module], sync: bool):
         """Skip the gradient all-reduce / reduce-scatter of all but the last micro-batch of an optimizer step."""

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import ops
+from . import distributed
 from .base import BaseTrainer
 from .config import PPOConfig
 from .data import check_dataset, encode_prompt, pad_right, pad_token_id
@@ -51,9 +52,6 @@ class PPOTrainer(BaseTrainer):
         if reward_model is None:
             raise ValueError("reward_model: a reward model or a function (prompts, completions) -> scores is required")
         args.check_mini_batches(self.dist.world_size)
-        if args.logprobs_from_hidden and self.dist.strategy != "none":
-            raise ValueError(f"logprobs_from_hidden: not supported with distributed={self.dist.strategy!r} (the "
-                             "fused linear path calls the decoder body around the DDP / FSDP2 wrapper)")
         if not isinstance(reward_model, torch.nn.Module) and not callable(reward_model):
             raise TypeError(f"reward_model: expected a model or a callable, got {type(reward_model).__name__}")
         # copies first: FSDP2 shards modules in place
@@ -67,12 +65,15 @@ class PPOTrainer(BaseTrainer):
                 value_model = copy.deepcopy(reward_model)  # initialise the critic from the reward model
             self.value_model = value_model.requires_grad_(True)
         self.policy = model
-        self.policy_train = self.train_module("model", model)
+        # logprobs_from_hidden: the body and the fused linear loss run inside one module's forward (FusedLinearLM,
+        # the model's parameters under the model's names), which is what DDP / FSDP2 wrap; else the model itself
+        self.policy_train = self.train_module("model", model, self._runner(model))
+        self.generator = distributed.unwrap(self.policy_train)  # what samples: the model, or its FusedLinearLM
         self.value_train = None
         if self.value_model is not None:
             self.value_train = self.train_module("value_model", self.value_model, PerTokenScalar(self.value_model))
         # frozen models: plain replicas under DDP, sharded under FSDP2
-        self.ref_model = self.dist.wrap(ref_model.eval().requires_grad_(False), trainable=False)
+        self.ref_model = self.dist.wrap(self._runner(ref_model.eval().requires_grad_(False)), trainable=False)
         self.reward_model = reward_model
         self.reward_scorer = None
         if isinstance(reward_model, torch.nn.Module):
@@ -92,6 +93,15 @@ class PPOTrainer(BaseTrainer):
         self.create_optimizer_and_scheduler(self.trainable, optimizer_steps)
         self.num_ppo_steps = args.max_steps
         self.maybe_resume()
+
+    def _runner(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What runs ``model``'s log-prob and loss passes: ``FusedLinearLM(model)`` with ``logprobs_from_hidden``
+        (so that DDP / FSDP2 see the whole fused computation in one forward), else ``model``."""
+        if not self.args.logprobs_from_hidden:
+            return model
+        from ..modeling import FusedLinearLM
+
+        return FusedLinearLM(model)
 
     # ---- state ------------------------------------------------------------------------------------------------
     def checkpoint_extra(self) -> dict:
@@ -125,7 +135,7 @@ class PPOTrainer(BaseTrainer):
         (``synced_gpus``) until the longest of them stops."""
         args = self.args
         with self.autocast():
-            return generate(self.policy, prompt_ids, pad_id=self.pad_id, eos_id=self.eos_id,
+            return generate(self.generator, prompt_ids, pad_id=self.pad_id, eos_id=self.eos_id,
                             max_new_tokens=args.response_length, temperature=temperature or args.temperature,
                             top_p=args.top_p, top_k=args.top_k, do_sample=do_sample,
                             synced_gpus=self.dist.strategy == "fsdp2" and self.dist.world_size > 1)
@@ -281,12 +291,10 @@ class PPOTrainer(BaseTrainer):
             num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=exp["mask"].shape[1],
         )
         with self.autocast():
-            if args.logprobs_from_hidden:
-                from ..modeling import hidden_and_lm_head
-
-                hidden, weight, bias = hidden_and_lm_head(self.policy, ids, attention)
-                loss, stats = ops.fused_linear_ppo_loss(hidden[:, :-1], weight, labels, take("old_logp"),
-                                                        take("advantages"), mask, bias=bias, **common)
+            if args.logprobs_from_hidden:  # FusedLinearLM: body, head and loss inside the wrapped forward
+                temperature = common.pop("temperature")
+                loss, stats = self.policy_train(ids, attention, temperature=temperature, ppo_loss=dict(
+                    old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
             else:
                 logits = self.policy_train(input_ids=ids, attention_mask=attention).logits[:, :-1]
                 loss, stats = ops.fused_ppo_loss(logits, labels, take("old_logp"), take("advantages"), mask,

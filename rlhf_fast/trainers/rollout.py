@@ -106,10 +106,17 @@ def per_token_in_micro_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
                    from_hidden: bool = False) -> torch.Tensor:
-    """``[b, t - 1]`` log p(input_ids[:, 1:]) under ``model`` at ``temperature`` (through rlhf_fast.ops)."""
-    if from_hidden:
-        from ..modeling import sequence_logprobs  # fused lm_head + log-softmax: never builds the logits
+    """``[b, t - 1]`` log p(input_ids[:, 1:]) under ``model`` at ``temperature`` (through rlhf_fast.ops).
 
+    ``from_hidden``: fused lm_head + log-softmax, never building the logits. ``model`` is then a
+    ``FusedLinearLM`` (bare, or inside DDP / FSDP2: called through its forward, so FSDP2 gathers the head and
+    the embedding) or a bare causal LM (one process only)."""
+    if from_hidden:
+        from ..modeling import FusedLinearLM, sequence_logprobs
+        from .distributed import unwrap
+
+        if isinstance(unwrap(model), FusedLinearLM):
+            return model(input_ids, attention_mask, temperature=temperature)
         return sequence_logprobs(model, input_ids, attention_mask, temperature=temperature)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     return ops.selective_log_softmax(logits, input_ids[:, 1:], temperature=temperature)
