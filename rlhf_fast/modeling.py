@@ -181,3 +181,71 @@ class FusedLinearLM(torch.nn.Module):
 
     def generate(self, *args, **kwargs):
         return self.lm.generate(*args, **kwargs)
+
+
+class CausalLMWithValueHead(FusedLinearLM):
+    """A causal LM and a scalar value head on its last hidden states (after the final norm), as one module.
+
+    The PPO critic of ``PPOConfig(critic="value_head")``: the head shares the policy's body, like TRL's
+    ``AutoModelForCausalLMWithValueHead``. One forward gives the policy's log-probs (or its PPO loss) and the
+    values, so DDP all-reduces the head's gradient with the body's and FSDP2 shards it with the root:
+
+    - ``forward(input_ids, attention_mask, temperature=...)``: ``(logp[B, T-1], values[B, T])``;
+    - ``forward(..., ppo_loss={old_logp, advantages, mask, ...})``: ``(loss, stats, values[B, T])``, the loss by
+      ``ops.fused_linear_ppo_loss`` on the hidden states when ``from_hidden``, else by ``ops.fused_ppo_loss`` on
+      the model's own logits;
+    - ``generate(...)``: the model's ``generate`` (the head is not used).
+
+    ``values[:, t]`` is the head's output at position ``t`` (float32). As in ``FusedLinearLM`` the model's
+    children are this module's children under the model's names; the head is the one extra child,
+    ``value_head``: ``nn.Linear(hidden, 1)``, normal weights with std ``1 / (hidden + 1)`` (OpenRLHF's critic
+    init) drawn from ``generator``, bias 0. Checkpoints write it beside the model's ``save_pretrained`` folder as
+    ``value_head.safetensors`` (keys ``weight`` and ``bias``, so
+    ``nn.Linear(hidden, 1).load_state_dict(safetensors.torch.load_file(path))`` loads it).
+    """
+
+    saved_beside = ("value_head",)  # child modules the checkpoint writes as {name}.safetensors next to the model
+
+    def __init__(self, model: torch.nn.Module, *, from_hidden: bool = False,
+                 generator: Optional[torch.Generator] = None):
+        super().__init__(model)
+        weight = model.get_output_embeddings().weight
+        hidden = weight.shape[1]
+        head = torch.nn.Linear(hidden, 1, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():  # a dedicated generator: the same head on every rank, the global RNG untouched
+            head.weight.copy_(torch.randn(1, hidden, generator=generator) / (hidden + 1))
+            head.bias.zero_()
+        self.value_head = head
+        self.from_hidden = from_hidden
+
+    def _values(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[-1] != self.value_head.in_features:
+            raise NotImplementedError(f"value head: the model's last hidden states have width {hidden.shape[-1]}, "
+                                      f"expected {self.value_head.in_features} (the LM head's input width)")
+        # a fresh [B, T] tensor, not a view of the [B, T, 1] output (FSDP2 hooks its backward on the outputs)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float().clone()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                temperature: float = 1.0, ppo_loss: Optional[dict] = None,
+                position_ids: Optional[torch.Tensor] = None):
+        labels = input_ids[:, 1:]
+        if self.from_hidden:
+            hidden, weight, bias = hidden_and_lm_head(self.lm, input_ids, attention_mask, position_ids)
+            values = self._values(hidden)
+            if ppo_loss is not None:
+                loss, stats = ops.fused_linear_ppo_loss(hidden[:, :-1], weight, labels, bias=bias,
+                                                        temperature=temperature, **ppo_loss)
+                return loss, stats, values
+            if hidden.dtype != weight.dtype:  # as in sequence_logprobs
+                hidden = hidden.to(weight.dtype)
+            if bias is not None and bias.dtype != weight.dtype:
+                bias = bias.to(weight.dtype)
+            return ops.linear_logprobs(hidden[:, :-1], weight, labels, bias=bias, temperature=temperature), values
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=True, use_cache=False)
+        values = self._values(out.hidden_states[-1])  # the last hidden states, after the final norm
+        logits = out.logits[:, :-1]
+        if ppo_loss is not None:
+            loss, stats = ops.fused_ppo_loss(logits, labels, temperature=temperature, **ppo_loss)
+            return loss, stats, values
+        return ops.selective_log_softmax(logits, labels, temperature=temperature), values

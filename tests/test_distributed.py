@@ -112,6 +112,16 @@ FROM_HIDDEN = {
     "hidden-tied": dict(GRPO, logprobs_from_hidden=True, kl_penalty="loss", kl_estimator="k2", kl_coef=0.5,
                         entropy_coef=0.05, tie=True, ref_seed=2),
 }
+# critic="value_head": the critic is a head on the policy's last hidden states, inside the wrapped module (its
+# gradient all-reduced by DDP, its parameters sharded by FSDP2 with the root). GAE with the reward model, KL in the
+# reward, logits path; and the fused linear path with tied embeddings, a reward function, KL and entropy in the loss
+# and 3-sequence minibatches on a 16-token budget (uneven micro-batches: placeholder passes through the head too).
+VALUE_HEAD = {
+    "value-head": dict(critic="value_head", vf_coef=0.5),
+    "value-head-hidden": dict(critic="value_head", vf_coef=0.5, logprobs_from_hidden=True, kl_penalty="loss",
+                              kl_estimator="k3", kl_coef=0.5, entropy_coef=0.05, tie=True, ref_seed=2,
+                              reward_model=positive_fraction, prompts_per_step=6, max_tokens_per_micro_batch=16),
+}
 
 
 def ppo_trainer(tokenizer, out, world, prompts_per_step=8, reward_model=None, tie=False, ref_seed=0, **overrides):
@@ -150,6 +160,14 @@ def worker(out: str) -> None:
         for name, overrides in FROM_HIDDEN.items():
             ppo_run(tokenizer, os.path.join(out, f"ppo-{name}-{strategy}"), RANKS, steps=1, distributed=strategy,
                     **overrides)
+        for name, overrides in VALUE_HEAD.items():
+            trainer = ppo_trainer(tokenizer, os.path.join(out, f"ppo-{name}-{strategy}"), RANKS,
+                                  distributed=strategy, save_steps=1, **overrides)
+            trainer.num_ppo_steps = 1
+            placeholders = count_placeholder_passes(trainer)
+            trainer.train()
+            with open(os.path.join(out, f"ppo-{name}-{strategy}", f"placeholders_{trainer.dist.rank}.json"), "w") as f:
+                json.dump(placeholders, f)
         # real sampling through FusedLinearLM.generate (under FSDP2 a registered forward method of the root)
         trainer = ppo_trainer(tokenizer, os.path.join(out, f"ppo-hidden-sampled-{strategy}"), RANKS,
                               distributed=strategy, **FROM_HIDDEN["hidden-tied"])
@@ -285,6 +303,63 @@ def test_distributed_ppo_logprobs_from_hidden_equals_one_process(two_rank_runs, 
     ranks, one = read_metrics(folder), single.logger.history
     for key in ("reward", "kl", "pg_loss", "entropy", "clip_frac", "approx_kl", "grad_norm"):
         assert ranks[0][key] == pytest.approx(one[0][key], abs=1e-5), key
+
+
+def initial_value_head(tokenizer, tie=False):
+    from rlhf_fast.modeling import CausalLMWithValueHead
+
+    return CausalLMWithValueHead(tiny(tokenizer, tie=tie), generator=torch.Generator().manual_seed(3)).value_head
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", list(VALUE_HEAD))
+def test_distributed_ppo_value_head_equals_one_process(two_rank_runs, tokenizer, tmp_path, strategy, name):
+    """critic="value_head" under DDP / FSDP2: the policy (saved by save_pretrained, no head keys in it) and the
+    head (value_head.safetensors beside it) equal the one-process update."""
+    from safetensors.torch import load_file
+
+    overrides = VALUE_HEAD[name]
+    single = ppo_run(tokenizer, tmp_path, 1, steps=1, distributed="none", **overrides)
+    assert single.value_model is None
+    tie = overrides.get("tie", False)
+    folder = two_rank_runs / f"ppo-{name}-{strategy}"
+    for saved_at in ("checkpoint-1", "final"):
+        saved = saved_weights(folder / saved_at / "model")
+        assert not [k for k in saved if "value_head" in k], saved_at
+        if tie:
+            saved.setdefault("lm_head.weight", saved.get("model.embed_tokens.weight"))
+        assert_same_parameters(saved, single.policy, tiny(tokenizer, tie=tie), f"policy, {name}, {strategy}")
+        head = load_file(folder / saved_at / "model" / "value_head.safetensors")
+        assert_same_parameters(head, single.value_head, initial_value_head(tokenizer, tie),
+                               f"value head, {name}, {strategy}")
+    ranks, one = read_metrics(folder), single.logger.history
+    # (not vf_clip_frac: "clipped > unclipped" compares two roundings of one number while the values are within
+    # the clip range, so it flips with 1e-8 differences of micro-batch shapes)
+    for key in ("reward", "kl", "pg_loss", "vf_loss", "entropy", "clip_frac", "approx_kl", "grad_norm"):
+        assert ranks[0][key] == pytest.approx(one[0][key], abs=1e-5), key
+    if "max_tokens_per_micro_batch" in overrides:
+        passes = [json.loads((folder / f"placeholders_{r}.json").read_text()) for r in range(RANKS)]
+        assert sum(p["placeholder"] for p in passes) > 0, passes
+        assert len({p["placeholder"] + p["real"] for p in passes}) == 1, passes
+
+
+@pytest.mark.parametrize("name", list(VALUE_HEAD))
+def test_distributed_fsdp2_value_head_checkpoint_resumes_on_one_process(two_rank_runs, tokenizer, tmp_path, name):
+    """The head is in the DCP state (sharded under FSDP2) with its AdamW moments: a 2-rank FSDP2 checkpoint
+    resumes in one process and continues like an uninterrupted single-process run."""
+    overrides = VALUE_HEAD[name]
+    checkpoint = two_rank_runs / f"ppo-{name}-fsdp2" / "checkpoint-1"
+    uninterrupted = ppo_run(tokenizer, tmp_path / "full", 1, steps=2, distributed="none", **overrides)
+    resumed = ppo_trainer(tokenizer, tmp_path / "resumed", 1, distributed="none", resume_from=str(checkpoint),
+                          **overrides)
+    assert resumed.global_step == 1
+    resumed.train()
+    for what in ("policy", "value_head"):
+        full, part = getattr(uninterrupted, what).state_dict(), getattr(resumed, what).state_dict()
+        worst = max(float((full[k] - part[k]).abs().max()) for k in full)
+        assert worst <= TOLERANCE, f"{what}: resumed run differs from the uninterrupted one by {worst:.3g}"
+    for key in ("reward", "kl", "pg_loss", "vf_loss"):
+        assert resumed.logger.history[-1][key] == pytest.approx(uninterrupted.logger.history[-1][key], abs=1e-5)
 
 
 def test_distributed_ppo_logprobs_from_hidden_samples_alike_under_ddp_and_fsdp2(two_rank_runs, tokenizer):

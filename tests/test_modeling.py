@@ -5,7 +5,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from rlhf_fast import ops  # noqa: E402
-from rlhf_fast.modeling import FusedLinearLM, hidden_and_lm_head, sequence_logprobs  # noqa: E402
+from rlhf_fast.modeling import CausalLMWithValueHead, FusedLinearLM, hidden_and_lm_head, sequence_logprobs  # noqa: E402
 
 B, T, V = 2, 13, 101
 
@@ -151,3 +151,68 @@ def test_fused_linear_lm_generate_and_refusals():
     model.register_parameter("logit_bias", torch.nn.Parameter(torch.zeros(V)))
     with pytest.raises(NotImplementedError, match="logit_bias"):
         FusedLinearLM(model)
+
+
+def _with_head(tie=False, from_hidden=False, seed=7):
+    return CausalLMWithValueHead(_model(tie=tie), from_hidden=from_hidden,
+                                 generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_value_head_module_is_the_model_plus_one_head(tie):
+    """The PPO critic="value_head" module: the model's parameters under the model's names, then the head; a small,
+    seed-determined init (the same on every rank), zero bias."""
+    model = _model(tie=tie)
+    runner = CausalLMWithValueHead(model, generator=torch.Generator().manual_seed(7))
+    names = [n for n, _ in runner.named_parameters()]
+    assert names == [n for n, _ in model.named_parameters()] + ["value_head.weight", "value_head.bias"]
+    assert runner.value_head.weight.shape == (1, 32) and torch.equal(runner.value_head.bias, torch.zeros(1))
+    assert float(runner.value_head.weight.detach().abs().max()) < 5 / 33  # std 1 / (H + 1): small
+    assert torch.equal(runner.value_head.weight, _with_head(tie=tie).value_head.weight)
+    assert not torch.equal(runner.value_head.weight, _with_head(tie=tie, seed=8).value_head.weight)
+    assert not hasattr(model, "value_head")
+
+
+@pytest.mark.parametrize("from_hidden", [False, True], ids=["logits", "from-hidden"])
+def test_value_head_forward_gives_logprobs_values_and_the_ppo_loss(from_hidden, backend):
+    """One forward: the log-probs of the model (its logits, or the fused linear path), the head on the last
+    hidden states, and the PPO loss of rlhf_fast.ops; the loss and the values reach every parameter."""
+    backend("torch")
+    runner = _with_head(from_hidden=from_hidden)
+    model = runner.lm
+    ids = _ids(seed=3)
+    attention = torch.ones(B, T, dtype=torch.long)
+    attention[0, -3:] = 0
+    hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
+    expected_values = runner.value_head(hidden).squeeze(-1)
+    if from_hidden:
+        expected_logp = sequence_logprobs(model, ids, attention, temperature=0.7)
+    else:
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        expected_logp = ops.selective_log_softmax(logits, ids[:, 1:], temperature=0.7)
+    with torch.no_grad():
+        logp, values = runner(ids, attention, temperature=0.7)
+    assert logp.shape == (B, T - 1) and values.shape == (B, T) and values.dtype == torch.float32
+    torch.testing.assert_close(logp, expected_logp, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(values, expected_values, atol=1e-6, rtol=1e-6)
+
+    inputs = _ppo_inputs()
+    loss, stats, values = runner(ids, attention, temperature=0.7, ppo_loss=dict(inputs))
+    old, adv, mask = inputs.pop("old_logp"), inputs.pop("advantages"), inputs.pop("mask")
+    with torch.no_grad():
+        if from_hidden:
+            h, weight, bias = hidden_and_lm_head(model, ids, attention)
+            loss_r, _ = ops.fused_linear_ppo_loss(h[:, :-1], weight, ids[:, 1:], old, adv, mask, bias=bias,
+                                                  temperature=0.7, **inputs)
+        else:
+            loss_r, _ = ops.fused_ppo_loss(model(input_ids=ids, attention_mask=attention).logits[:, :-1], ids[:, 1:],
+                                           old, adv, mask, temperature=0.7, **inputs)
+    torch.testing.assert_close(loss, loss_r, atol=1e-6, rtol=1e-6)
+    assert "clip_frac" in stats
+    (loss + values[:, :-1].pow(2).mean()).backward()
+    for name, p in runner.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # the head's gradient is that of the value term alone: d mean(v^2) / dw = mean(2 v h)
+    v = expected_values.detach()[:, :-1]
+    grad_w = (2 * v.unsqueeze(-1) * hidden.detach()[:, :-1]).sum((0, 1)) / v.numel()
+    torch.testing.assert_close(runner.value_head.weight.grad[0], grad_w, atol=1e-6, rtol=1e-5)

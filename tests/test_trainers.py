@@ -101,7 +101,10 @@ def test_ppo_raises_the_reward_of_a_reward_function(tokenizer, tmp_path):
     dict(target_kl=0.01, kl_horizon=100),
     dict(logprobs_from_hidden=True),
     dict(loss_agg="seq-mean-token-sum-norm", missing_eos_penalty=1.0, eval_steps=1),
-], ids=["gae", "kl-in-loss", "grpo", "adaptive-kl", "from-hidden", "seq-agg-eval"])
+    dict(critic="value_head"),
+    dict(critic="value_head", logprobs_from_hidden=True, kl_penalty="loss", entropy_coef=0.01),
+], ids=["gae", "kl-in-loss", "grpo", "adaptive-kl", "from-hidden", "seq-agg-eval", "value-head",
+        "value-head-from-hidden"])
 def test_ppo_variants_step(tokenizer, tmp_path, overrides):
     args = ppo_args(tmp_path, max_steps=1, **overrides)
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=tiny(tokenizer), reward_model=tiny(tokenizer, "rm"),
@@ -115,6 +118,94 @@ def test_ppo_variants_step(tokenizer, tmp_path, overrides):
     assert ("eval_reward" in metrics) == ("eval_steps" in overrides)
     if "target_kl" in overrides:
         assert trainer.kl_coef != args.kl_coef
+
+
+def test_ppo_value_head_raises_the_reward_of_a_reward_function(tokenizer, tmp_path):
+    """GAE with the critic as a value head on the policy's body (no value_model): the reward goes up."""
+    args = ppo_args(tmp_path, max_steps=30, critic="value_head", kl_coef=0.0, learning_rate=1e-2, vf_coef=0.5,
+                    per_device_train_batch_size=16, num_ppo_epochs=1, num_mini_batches=1)
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=tiny(tokenizer), reward_model=positive_fraction,
+                         train_dataset=[{"prompt": p} for p in PROMPTS])
+    assert trainer.value_model is None and trainer.value_head is not None
+    history = trainer.train()
+    first = sum(r["reward"] for r in history[:5]) / 5
+    last = sum(r["reward"] for r in history[-5:]) / 5
+    assert last > first + 0.1, (first, last)
+
+
+@pytest.mark.parametrize("from_hidden", [False, True], ids=["logits", "from-hidden"])
+def test_ppo_value_head_learns_the_returns(tokenizer, tmp_path, from_hidden):
+    """A constant reward of 1 (no KL, gamma 1): every return is 1, so the head's value loss must fall; the
+    policy and the head move, the reference does not, and each scoring micro-batch runs the policy once for
+    both the old log-probs and the values."""
+    args = ppo_args(tmp_path, max_steps=12, critic="value_head", kl_coef=0.0, learning_rate=1e-2, vf_coef=1.0,
+                    cliprange_value=None, logprobs_from_hidden=from_hidden)
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=tiny(tokenizer),
+                         reward_model=lambda prompts, completions: [1.0] * len(completions),
+                         train_dataset=[{"prompt": p} for p in PROMPTS])
+    runner = trainer.policy_train
+    assert runner.value_head is trainer.value_head and "value_head.weight" in dict(runner.named_parameters())
+    assert not hasattr(trainer.policy, "value_head")  # the model itself stays a plain causal LM
+    assert not any(name.startswith("value_head") for name, _ in trainer.ref_model.named_parameters())
+    assert {id(p) for p in trainer.value_head.parameters()} <= {id(p) for g in trainer.optimizer.param_groups
+                                                                  for p in g["params"]}
+    policy_before = [p.detach().clone() for p in trainer.policy.parameters()]
+    head_before = [p.detach().clone() for p in trainer.value_head.parameters()]
+    ref_before = [p.detach().clone() for p in trainer.ref_model.parameters()]
+    history = trainer.train()
+    calls = []
+    hook = runner.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    exp = trainer.make_experience(trainer._prompt_batch(0))
+    hook.remove()
+    assert len(calls) == len(trainer._plan(exp["lengths"].tolist())) > 0  # one forward per micro-batch
+    assert exp["values"].abs().sum() > 0
+    first, last = history[0]["vf_loss"], sum(r["vf_loss"] for r in history[-3:]) / 3
+    assert last < 0.1 * first, [r["vf_loss"] for r in history]
+    assert any(not torch.equal(a, b) for a, b in zip(policy_before, trainer.policy.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(head_before, trainer.value_head.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ref_before, trainer.ref_model.parameters()))
+
+
+@pytest.mark.parametrize("from_hidden", [False, True], ids=["logits", "from-hidden"])
+def test_ppo_value_head_resume_equals_uninterrupted_run(tokenizer, tmp_path, from_hidden):
+    from safetensors.torch import load_file
+
+    def make(out, **overrides):
+        return PPOTrainer(args=ppo_args(out, **{"max_steps": 4, "critic": "value_head",
+                                                "logprobs_from_hidden": from_hidden, **overrides}),
+                          processing_class=tokenizer, model=tiny(tokenizer), reward_model=tiny(tokenizer, "rm", seed=1),
+                          train_dataset=[{"prompt": p} for p in PROMPTS])
+
+    full = make(tmp_path / "full")
+    full_history = full.train()
+    interrupted = make(tmp_path / "part", save_steps=2)
+    interrupted.num_ppo_steps = 2
+    interrupted.train()
+    checkpoint = tmp_path / "part" / "checkpoint-2"
+    assert not (checkpoint / "value_model").exists()
+    # the policy's folder stays a plain causal LM; the head is saved beside it
+    saved = load_file(checkpoint / "model" / "model.safetensors")
+    assert not [k for k in saved if "value_head" in k]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(checkpoint / "model")
+    for (name, a), b in zip(reloaded.state_dict().items(), interrupted.policy.state_dict().values()):
+        assert torch.equal(a, b), name
+    head = load_file(checkpoint / "model" / "value_head.safetensors")
+    assert sorted(head) == ["bias", "weight"]
+    assert all(torch.equal(head[k], v) for k, v in interrupted.value_head.state_dict().items())
+
+    torch.manual_seed(1234)
+    resumed = make(tmp_path / "resumed", resume_from=str(checkpoint))
+    assert resumed.global_step == 2
+    assert all(torch.equal(head[k], v) for k, v in resumed.value_head.state_dict().items())  # restored by DCP
+    resumed_history = resumed.train()
+    for a, b in zip(full.policy.parameters(), resumed.policy.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(full.value_head.parameters(), resumed.value_head.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not all(torch.equal(head[k], v) for k, v in full.value_head.state_dict().items())  # it kept training
+    strip = lambda h: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in h]  # noqa: E731
+    assert strip(resumed_history) == strip(full_history)
+    assert "vf_loss" in full_history[-1]
 
 
 def test_ppo_resume_equals_uninterrupted_run(tokenizer, tmp_path):
@@ -175,12 +266,40 @@ def test_config_errors_are_clear():
         SFTConfig.from_dict({"learning_rat": 1e-3})
     with pytest.raises(ValueError, match="learning_rate"):
         RewardConfig(learning_rate=0)
+    with pytest.raises(ValueError, match="critic"):
+        PPOConfig(critic="shared")
+    with pytest.raises(ValueError, match="critic='value_head' needs advantage_estimator='gae'"):
+        PPOConfig(critic="value_head", advantage_estimator="rloo", num_generations=2)
+
+
+def test_ppo_value_head_refuses_a_value_model(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="value_model: critic='value_head'"):
+        PPOTrainer(args=ppo_args(tmp_path, critic="value_head"), processing_class=tokenizer, model=tiny(tokenizer),
+                   reward_model=positive_fraction, value_model=tiny(tokenizer, "rm"), train_dataset=[{"prompt": "x"}])
 
 
 def test_ppo_needs_a_critic_for_gae_with_a_reward_function(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="value_model"):
         PPOTrainer(args=ppo_args(tmp_path), processing_class=tokenizer, model=tiny(tokenizer),
                    reward_model=positive_fraction, train_dataset=[{"prompt": "x"}])
+
+
+def test_ppo_yaml_with_a_value_head(tokenizer, tmp_path):
+    """`rlhf-fast ppo` configs: critic: value_head loads no critic model, and refuses a value_model path."""
+    from rlhf_fast.trainers.from_config import build_trainer
+
+    for name, model in (("policy", tiny(tokenizer)), ("rm", tiny(tokenizer, "rm"))):
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / "ppo.jsonl").write_text("".join(f'{{"prompt": "{p}"}}\n' for p in PROMPTS[:4]))
+    text = ("model: policy\nreward_model: rm\ntrain_file: ppo.jsonl\ncritic: value_head\nmax_steps: 1\n"
+            "per_device_train_batch_size: 4\ndisable_tqdm: true\nplot: false\nreport_to: [jsonl]\n")
+    (tmp_path / "ppo.yaml").write_text(text)
+    trainer = build_trainer("ppo", str(tmp_path / "ppo.yaml"))
+    assert trainer.value_model is None and trainer.value_head is not None
+    (tmp_path / "bad.yaml").write_text(text + "value_model: rm\n")
+    with pytest.raises(ValueError, match="bad.yaml: value_model cannot be used with critic: value_head"):
+        build_trainer("ppo", str(tmp_path / "bad.yaml"))
 
 
 def test_bad_data_is_reported_with_line_numbers(tmp_path):

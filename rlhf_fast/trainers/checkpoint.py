@@ -3,7 +3,9 @@
 Layout of ``{output_dir}/checkpoint-{step}/``:
 - ``model/``, ``value_model/``: full weights written by ``save_pretrained`` (safetensors) on rank 0, the
   tokenizer beside the policy; what the next stage or ``from_pretrained`` loads. Under FSDP2 the shards are
-  gathered to rank 0's CPU first (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``).
+  gathered to rank 0's CPU first (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``). Heads that
+  the trainer's module adds around the model (its ``saved_beside``: the PPO value head) are written next to the
+  model's files as ``{name}.safetensors`` and kept out of the model's own weights.
 - ``distcp/``: the trained models and the optimizer as a DCP checkpoint (``get_state_dict`` then
   ``torch.distributed.checkpoint.save``; every rank writes its own shards). DCP re-shards on load, so a run
   written by N ranks with DDP or FSDP2 resumes on M ranks with any strategy, one process included.
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .distributed import Distributed
+from .distributed import Distributed, unwrap
 
 STATE_FILE = "trainer_state.pt"
 DCP_DIR = "distcp"
@@ -95,14 +97,20 @@ def save_checkpoint(path: str, *, dist: Distributed, models: dict, wrapped: dict
 
 
 def _save_pretrained(dist: Distributed, model, wrapped, folder: str) -> None:
+    beside = tuple(getattr(unwrap(wrapped), "saved_beside", ()))  # e.g. ("value_head",)
     if dist.strategy != "fsdp2":  # replicated: rank 0's copy is the whole model
         if dist.is_main:
             model.save_pretrained(folder, safe_serialization=True)
+            for name in beside:
+                _save_beside(folder, name, getattr(unwrap(wrapped), name).state_dict())
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.is_main:
+        for name in beside:  # the extra heads go to their own files, not into the model's weights
+            _save_beside(folder, name, {k[len(name) + 1:]: v for k, v in full.items() if k.startswith(f"{name}.")})
+            full = {k: v for k, v in full.items() if not k.startswith(f"{name}.")}
         # the model's place in the wrapped module (a scalar-head wrapper's ``model.``); a FusedLinearLM holds
         # the model's children under the model's own names, so nothing to strip there
         if getattr(wrapped, "lm", None) is model:
@@ -112,6 +120,15 @@ def _save_pretrained(dist: Distributed, model, wrapped, folder: str) -> None:
         prefix = f"{prefix}." if prefix else ""
         state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+
+
+def _save_beside(folder: str, name: str, state: dict) -> None:
+    """``{folder}/{name}.safetensors`` with the head's own keys (``weight``, ``bias``)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()},
+              os.path.join(folder, f"{name}.safetensors"))
 
 
 def load_checkpoint(path: str, *, dist: Distributed, wrapped: dict, optimizer, scheduler) -> dict[str, Any]:

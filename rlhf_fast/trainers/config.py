@@ -87,6 +87,7 @@ class RewardConfig(TrainingConfig):
 
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
+CRITICS = ("separate", "value_head")
 KL_PENALTY_MODES = ("reward", "loss")
 
 
@@ -110,6 +111,7 @@ class PPOConfig(TrainingConfig):
     num_generations: int = 1  # samples per prompt (>= 2 for grpo / rloo)
     # advantages and KL
     advantage_estimator: str = "gae"
+    critic: str = "separate"  # gae: "separate" critic model (value_model), or "value_head" on the policy's body
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
@@ -140,6 +142,10 @@ class PPOConfig(TrainingConfig):
                         "num_mini_batches", "max_tokens_per_micro_batch")
         _check_choice(self, "advantage_estimator", ADVANTAGE_ESTIMATORS)
         _check_choice(self, "kl_penalty", KL_PENALTY_MODES)
+        _check_choice(self, "critic", CRITICS)
+        if self.critic == "value_head" and self.advantage_estimator != "gae":
+            raise ValueError(f"critic='value_head' needs advantage_estimator='gae' (got "
+                             f"{self.advantage_estimator!r}, which uses no critic); drop critic or use 'gae'")
         _check_choice(self, "kl_estimator", ("k1", "k2", "k3"))
         if self.advantage_estimator in ("grpo", "rloo") and self.num_generations < 2:
             raise ValueError(f"advantage_estimator={self.advantage_estimator!r} needs num_generations >= 2, "

@@ -8,7 +8,7 @@ The file is one flat mapping: the path keys below plus any field of the stage's 
     eval_file: data/eval.jsonl     # optional
     reward_model: ./my-rm          # ppo only (a sequence-classification model with one label)
     ref_model: ./my-sft-model      # ppo only, optional, default: model
-    value_model: ./my-rm           # ppo only, optional, default: reward_model (gae only)
+    value_model: ./my-rm           # ppo only, optional, default: reward_model (gae with critic: separate only)
     learning_rate: 1.0e-6          # ...any SFTConfig / RewardConfig / PPOConfig field
 
 Relative paths (also ``output_dir`` and ``resume_from``) are relative to the YAML file.
@@ -72,6 +72,9 @@ def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
         config = config_cls(**settings)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
+    if "value_model" in paths and getattr(config, "critic", "separate") == "value_head":
+        raise ValueError(f"{path}: value_model cannot be used with critic: value_head (the critic is a head on "
+                         "the policy); remove value_model, or set critic: separate")
     return paths, config
 
 
@@ -112,7 +115,7 @@ def build_trainer(stage: str, config_path: str):
     ref = AutoModelForCausalLM.from_pretrained(paths.get("ref_model", paths["model"]))
     reward = scalar_model(paths["reward_model"])
     value = None
-    if config.advantage_estimator == "gae":
+    if config.advantage_estimator == "gae" and config.critic == "separate":
         value = scalar_model(paths.get("value_model", paths["reward_model"]))
     return PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
                       value_model=value, train_dataset=train, eval_dataset=evaluation)

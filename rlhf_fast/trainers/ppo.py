@@ -38,8 +38,11 @@ class PPOTrainer(BaseTrainer):
 
     ``reward_model`` is a sequence-classification model (scored on the last response token) or a Python
     function ``f(prompts, completions) -> list[float]``. ``ref_model`` defaults to a frozen copy of ``model``;
-    ``value_model`` (GAE only) defaults to a copy of ``reward_model`` when that is a model. ``callbacks`` are
-    called after each rollout as ``cb(trainer, prompts, completions) -> dict`` and their metrics are logged.
+    ``value_model`` (GAE only) defaults to a copy of ``reward_model`` when that is a model. With
+    ``args.critic="value_head"`` there is no ``value_model``: the critic is a scalar head on the policy's last
+    hidden states (``rlhf_fast.modeling.CausalLMWithValueHead``, ``self.value_head``), trained with the policy by
+    one optimizer on ``policy_loss + vf_coef * value_loss``. ``callbacks`` are called after each rollout as
+    ``cb(trainer, prompts, completions) -> dict`` and their metrics are logged.
     """
 
     def __init__(self, args: PPOConfig | None = None, processing_class=None, model=None, ref_model=None,
@@ -57,18 +60,26 @@ class PPOTrainer(BaseTrainer):
         # copies first: FSDP2 shards modules in place
         ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
         self.value_model = None
-        if args.advantage_estimator == "gae":
+        value_head = args.advantage_estimator == "gae" and args.critic == "value_head"
+        if value_head and value_model is not None:
+            raise ValueError("value_model: critic='value_head' trains a value head on the policy's body, so a "
+                             "separate value_model cannot be used with it; pass value_model=None, or set "
+                             "critic='separate' to train value_model as the critic")
+        if args.advantage_estimator == "gae" and not value_head:
             if value_model is None:
                 if not isinstance(reward_model, torch.nn.Module):
                     raise ValueError("value_model: advantage_estimator='gae' needs a critic; pass value_model "
-                                     "(a *ForSequenceClassification model) or use 'grpo' / 'rloo'")
+                                     "(a *ForSequenceClassification model), set critic='value_head' (a value "
+                                     "head on the policy) or use 'grpo' / 'rloo'")
                 value_model = copy.deepcopy(reward_model)  # initialise the critic from the reward model
             self.value_model = value_model.requires_grad_(True)
         self.policy = model
         # logprobs_from_hidden: the body and the fused linear loss run inside one module's forward (FusedLinearLM,
-        # the model's parameters under the model's names), which is what DDP / FSDP2 wrap; else the model itself
-        self.policy_train = self.train_module("model", model, self._runner(model))
-        self.generator = distributed.unwrap(self.policy_train)  # what samples: the model, or its FusedLinearLM
+        # the model's parameters under the model's names), which is what DDP / FSDP2 wrap; else the model itself.
+        # critic="value_head": CausalLMWithValueHead, the model and the head, whose forward gives both
+        self.policy_train = self.train_module("model", model, self._runner(model, value_head=value_head))
+        self.generator = distributed.unwrap(self.policy_train)  # what samples: the model, or the module holding it
+        self.value_head = self.generator.value_head if value_head else None
         self.value_train = None
         if self.value_model is not None:
             self.value_train = self.train_module("value_model", self.value_model, PerTokenScalar(self.value_model))
@@ -89,19 +100,33 @@ class PPOTrainer(BaseTrainer):
         self.callbacks = list(callbacks or [])
         self.kl_coef = args.kl_coef
         self.trainable = [p for m in self.models.values() for p in m.parameters() if p.requires_grad]
+        if self.value_head is not None:  # inside the policy's runner, not part of the model
+            self.trainable += list(self.value_head.parameters())
         optimizer_steps = args.max_steps * args.num_ppo_epochs * args.num_mini_batches
         self.create_optimizer_and_scheduler(self.trainable, optimizer_steps)
         self.num_ppo_steps = args.max_steps
         self.maybe_resume()
 
-    def _runner(self, model: torch.nn.Module) -> torch.nn.Module:
-        """What runs ``model``'s log-prob and loss passes: ``FusedLinearLM(model)`` with ``logprobs_from_hidden``
-        (so that DDP / FSDP2 see the whole fused computation in one forward), else ``model``."""
+    def _runner(self, model: torch.nn.Module, value_head: bool = False) -> torch.nn.Module:
+        """What runs ``model``'s log-prob and loss passes: ``CausalLMWithValueHead(model)`` with a value head,
+        ``FusedLinearLM(model)`` with ``logprobs_from_hidden`` (so that DDP / FSDP2 see the whole computation in one
+        forward), else ``model``."""
+        if value_head:
+            from ..modeling import CausalLMWithValueHead
+
+            # the head's initial weights depend on the seed only: the same on every rank and in one process
+            return CausalLMWithValueHead(model, from_hidden=self.args.logprobs_from_hidden,
+                                         generator=torch.Generator().manual_seed(self.args.seed))
         if not self.args.logprobs_from_hidden:
             return model
         from ..modeling import FusedLinearLM
 
         return FusedLinearLM(model)
+
+    @property
+    def has_critic(self) -> bool:
+        """A trained critic: a separate value model or a value head on the policy."""
+        return self.value_model is not None or self.value_head is not None
 
     # ---- state ------------------------------------------------------------------------------------------------
     def checkpoint_extra(self) -> dict:
@@ -196,9 +221,17 @@ class PPOTrainer(BaseTrainer):
                                           from_hidden=args.logprobs_from_hidden)
             return fn
 
-        old_logp = self._per_token(logprobs_of(self.policy_train), sequences, budget) * mask
-        ref_logp = self._per_token(logprobs_of(self.ref_model), sequences, budget) * mask
         values = None
+        if self.value_head is not None:  # one forward of the policy and its head: old log-probs and values
+            def policy_fn(i, a):
+                with self.autocast():
+                    logp, head_values = self.policy_train(i, a, temperature=args.temperature)
+                    return logp, head_values[:, :-1]
+            old_logp, values = self._per_token(policy_fn, sequences, budget, outputs=2)
+            old_logp, values = old_logp * mask, values * mask
+        else:
+            old_logp = self._per_token(logprobs_of(self.policy_train), sequences, budget) * mask
+        ref_logp = self._per_token(logprobs_of(self.ref_model), sequences, budget) * mask
         if self.value_model is not None:
             def value_fn(i, a):
                 with self.autocast():
@@ -225,11 +258,14 @@ class PPOTrainer(BaseTrainer):
         return dict(pad_id=self.pad_id, max_tokens=self.args.max_tokens_per_micro_batch, device=self.device,
                     micro_batches=self._plan([len(s) for s in sequences]))
 
-    def _per_token(self, fn, sequences, budget, per_sequence: bool = False) -> torch.Tensor:
+    def _per_token(self, fn, sequences, budget, per_sequence: bool = False, outputs: int = 1):
         """``fn`` on this rank's micro-batches; each row is computed by one rank and zero on the others, so a
-        sum over ranks gives every rank the whole batch (exactly: x + 0 = x)."""
-        out = per_token_in_micro_batches(fn, sequences, per_sequence=per_sequence, **budget)
-        return self.dist.all_reduce_sum(out)
+        sum over ranks gives every rank the whole batch (exactly: x + 0 = x). ``outputs > 1``: ``fn`` returns
+        that many per-token tensors, all-reduced together, and so does this."""
+        out = per_token_in_micro_batches(fn, sequences, per_sequence=per_sequence, outputs=outputs, **budget)
+        if outputs == 1:
+            return self.dist.all_reduce_sum(out)
+        return tuple(self.dist.all_reduce_sum(torch.stack(out)).unbind(0))
 
     def _score(self, sequences, prompts, completions, budget) -> torch.Tensor:
         if self.reward_scorer is not None:
@@ -290,8 +326,14 @@ class PPOTrainer(BaseTrainer):
             clip_low=args.cliprange, clip_high=args.cliprange_high, dual_clip=args.dual_clip, agg=args.loss_agg,
             num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=exp["mask"].shape[1],
         )
+        new_values = None
         with self.autocast():
-            if args.logprobs_from_hidden:  # FusedLinearLM: body, head and loss inside the wrapped forward
+            if self.value_head is not None:  # CausalLMWithValueHead: the policy loss and the values, one forward
+                temperature = common.pop("temperature")
+                loss, stats, head_values = self.policy_train(ids, attention, temperature=temperature, ppo_loss=dict(
+                    old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
+                new_values = head_values[:, :-1]
+            elif args.logprobs_from_hidden:  # FusedLinearLM: body, head and loss inside the wrapped forward
                 temperature = common.pop("temperature")
                 loss, stats = self.policy_train(ids, attention, temperature=temperature, ppo_loss=dict(
                     old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
@@ -302,6 +344,7 @@ class PPOTrainer(BaseTrainer):
             stats = {k: float(v.detach()) for k, v in stats.items()}
             if self.value_model is not None:
                 new_values = self.value_train(ids, attention)[:, :-1]
+            if new_values is not None:
                 vf_loss, vf_stats = ops.ppo_value_loss(new_values, take("values"), take("returns"), mask,
                                                        clip=args.cliprange_value, agg=args.loss_agg,
                                                        num_tokens=num_tokens, num_seqs=num_seqs,
@@ -376,7 +419,7 @@ class PPOTrainer(BaseTrainer):
             "time_generate_s": exp["time_generate"], "time_score_s": exp["time_score"], "time_train_s": time_train,
             "tokens_per_s": float(exp["lengths"].sum()) / total,
         }
-        if self.value_model is not None:
+        if self.has_critic:
             metrics.update(vf_loss=stats["vf_loss"], vf_clip_frac=stats["vf_clip_frac"])
         for callback in self.callbacks:
             metrics.update(callback(self, exp["prompts"], exp["completions"]) or {})

@@ -75,18 +75,21 @@ def response_mask(prompt_lens: list[int], response_lens: list[int], width: int) 
 def per_token_in_micro_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                                sequences: list[list[int]], *, pad_id: int, max_tokens: int,
                                device: torch.device, per_sequence: bool = False,
-                               micro_batches: list[list[int]] | None = None) -> torch.Tensor:
+                               micro_batches: list[list[int]] | None = None, outputs: int = 1):
     """Run ``fn(input_ids, attention_mask)`` over token-budgeted micro-batches.
 
     ``fn`` returns ``[b, t - 1]`` per-token results (``[b]`` with ``per_sequence=True``); the output is
     ``[B, T_max - 1]`` float32, zero beyond each row's length (``[B]`` with ``per_sequence=True``).
+    With ``outputs=n > 1``, ``fn`` returns a tuple of ``n`` such results (one forward, several per-token
+    quantities: log-probs and values of a policy with a value head) and the output is a tuple of ``n`` tensors.
     ``micro_batches`` (default: the batcher's plan of all sequences) may cover only some rows, as one rank's
     share of a distributed plan does; rows outside it stay zero. An empty micro-batch still calls ``fn`` once,
     on the first sequence, and drops the result: under FSDP2 every rank must run the same number of forwards.
     """
     lengths = [len(s) for s in sequences]
     width = max(lengths)
-    out = torch.zeros((len(sequences),) if per_sequence else (len(sequences), width - 1), dtype=torch.float32)
+    shape = (len(sequences),) if per_sequence else (len(sequences), width - 1)
+    outs = [torch.zeros(shape, dtype=torch.float32) for _ in range(outputs)]
     if micro_batches is None:
         micro_batches = plan_micro_batches(lengths, max_tokens)
     for micro in micro_batches:
@@ -95,13 +98,19 @@ def per_token_in_micro_batches(fn: Callable[[torch.Tensor, torch.Tensor], torch.
             fn(ids.to(device), attention.to(device))
             continue
         ids, attention = pad_right([sequences[i] for i in micro], pad_id)
-        result = fn(ids.to(device), attention.to(device)).float().cpu()
+        results = fn(ids.to(device), attention.to(device))
+        if outputs == 1:
+            results = (results,)
+        elif not isinstance(results, (tuple, list)) or len(results) != outputs:
+            raise ValueError(f"per_token_in_micro_batches: fn must return {outputs} tensors with outputs={outputs}")
         index = torch.tensor(micro)
-        if per_sequence:
-            out[index] = result
-        else:
-            out[index, : result.shape[1]] = result
-    return out
+        for out, result in zip(outs, results):
+            result = result.float().cpu()
+            if per_sequence:
+                out[index] = result
+            else:
+                out[index, : result.shape[1]] = result
+    return outs[0] if outputs == 1 else tuple(outs)
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float,
