@@ -11,7 +11,7 @@ matrix, so a row is swept from its end in chunks of ``CHUNK`` tokens: each chunk
 its maps are composed with ``tl.associative_scan`` (log depth instead of ``CHUNK`` dependent steps), applied to the
 state carried in from the later chunks, and the state at the chunk's earliest token is carried on. Masked tokens are
 identity maps, exactly neutral in the composition, so they are skipped (never zeroed into the recursion), as
-shared/API.md asks. Chunks are aligned to ``t = 0`` and ``CHUNK`` is a constant, so a row's results depend only on
+docs/API.md asks. Chunks are aligned to ``t = 0`` and ``CHUNK`` is a constant, so a row's results depend only on
 that row: not on the batch size, the other rows, or padding appended after it (bitwise). The association order of
 the scan differs from the reference's sequential loop, so results agree with it to float32 rounding, not bitwise.
 

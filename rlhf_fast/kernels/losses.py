@@ -293,7 +293,7 @@ def ppo_policy_loss(
 ) -> tuple[torch.Tensor, dict]:
     """Triton clipped PPO policy loss on ``[R, T]`` tensors (``advantages`` ``[R, T]`` or ``[R]``).
 
-    Differentiable with respect to ``logp`` only (as shared/API.md specifies): ``old_logp``, ``advantages`` and
+    Differentiable with respect to ``logp`` only (as docs/API.md specifies): ``old_logp``, ``advantages`` and
     ``is_weights`` are treated as constants even if they require grad.
     """
     clip_high = clip_low if clip_high is None else clip_high

@@ -1,4 +1,4 @@
-"""The public functional API (shared/API.md, section ``rlhf_fast.ops``).
+"""The public functional API (docs/API.md, section ``rlhf_fast.ops``).
 
 Each op validates its input with errors that name the argument, then dispatches: Triton kernels for CUDA
 tensors, the PyTorch reference (or C++) otherwise. ``RLHF_FAST_BACKEND=torch|triton`` overrides the choice.

@@ -11,7 +11,7 @@ from .._dispatch import native_module, requested_backend, resolve
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask-aware GAE over ``[B, T]`` (see shared/API.md): masked tokens are skipped, their outputs are 0.
+    """Mask-aware GAE over ``[B, T]`` (see docs/API.md): masked tokens are skipped, their outputs are 0.
 
     Returns float32 ``(advantages, returns)``; no gradient flows. On CPU the C++ sweep runs when the extension
     is built (``RLHF_FAST_BACKEND=torch`` forces the reference loop).

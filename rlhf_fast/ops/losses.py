@@ -2,7 +2,7 @@
 
 Each validates its input, brings per-token tensors to rows x time ``[R, T]`` (``[N]`` is one row; ``[*, T]``
 folds the leading dimensions into rows) and dispatches. The aggregation modes and the ``num_tokens`` /
-``num_seqs`` / ``loss_scale`` overrides are described in shared/API.md.
+``num_seqs`` / ``loss_scale`` overrides are described in docs/API.md.
 """
 from __future__ import annotations
 
