@@ -49,6 +49,36 @@ def _check_plain_lm_head(model) -> None:
                 )
 
 
+_DROPOUT_NAMES = ("dropout", "pdrop", "layerdrop")  # config fields / module attributes that hold a drop rate
+
+
+def _is_rate(name: str, value) -> bool:
+    return (isinstance(value, float) and not isinstance(value, bool)
+            and any(part in name.lower() for part in _DROPOUT_NAMES))
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn dropout off in ``model`` for good, in train mode too (TRL's ``disable_dropout_in_model``, extended).
+
+    Sets ``p = 0`` in every ``nn.Dropout``-family module, every float attribute of a module whose name holds
+    ``dropout``, ``pdrop`` or ``layerdrop`` (attention modules that copy ``config.attention_dropout`` into
+    ``self.attention_dropout`` at construction and pass it to the attention kernel in train mode), and the same
+    fields of the model's config (and its text config), so that what is saved or rebuilt from the config has no
+    dropout either. Returns ``model``.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if not name.startswith("_") and _is_rate(name, value):
+                setattr(module, name, 0.0)
+    for config in _configs(model):
+        for name, value in list(vars(config).items()):
+            if not name.startswith("_") and _is_rate(name, value):
+                setattr(config, name, 0.0)
+    return model
+
+
 def _decoder(model):
     get_decoder = getattr(model, "get_decoder", None)
     body = get_decoder() if callable(get_decoder) else None

@@ -89,6 +89,24 @@ def test_bad_configs_and_data_give_one_clear_line(workspace, capsys, stage, text
     assert re.search(message, err), err
 
 
+def test_yaml_numbers_are_coerced_and_bad_values_named(workspace, capsys):
+    """PyYAML reads 1e-5 (no dot) as a string: float fields take numeric strings; other values are refused with
+    the field, the expected type and the value."""
+    from rlhf_fast.trainers.from_config import read_config
+
+    path = workspace / "types.yaml"
+    path.write_text("model: policy\nreward_model: rm\ntrain_file: ppo.jsonl\nlearning_rate: 1e-5\nvf_coef: 1e-1\n"
+                    "num_train_epochs: 2\nmax_steps: 3\n" + FAST)
+    _, config = read_config("ppo", str(path))
+    assert (config.learning_rate, config.vf_coef, config.num_train_epochs) == (1e-5, 0.1, 2.0)
+    code, err = run(workspace, "ppo", "model: policy\nreward_model: rm\ntrain_file: ppo.jsonl\nvf_coef: 1e-1x\n",
+                    capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "ppo.yaml: vf_coef: expected a float, got '1e-1x' (str)" in err
+    code, err = run(workspace, "sft", "model: policy\ntrain_file: sft.jsonl\nmax_steps: ten\n", capsys)
+    assert code == 2 and "max_steps: expected an int, got 'ten' (str)" in err
+
+
 def test_missing_config_file(capsys, tmp_path):
     assert main(["ppo", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err

@@ -216,3 +216,29 @@ def test_value_head_forward_gives_logprobs_values_and_the_ppo_loss(from_hidden, 
     v = expected_values.detach()[:, :-1]
     grad_w = (2 * v.unsqueeze(-1) * hidden.detach()[:, :-1]).sum((0, 1)) / v.numel()
     torch.testing.assert_close(runner.value_head.weight.grad[0], grad_w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_disable_dropout_makes_train_mode_deterministic(kind):
+    """nn.Dropout modules (GPT-2) and dropout rates copied into attention modules at construction (Llama's
+    ``self.attention_dropout``) are both set to 0, and so are the config fields."""
+    from rlhf_fast.modeling import disable_dropout
+
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=V, n_positions=32, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.2, embd_pdrop=0.2,
+            attn_pdrop=0.2, bos_token_id=0, eos_token_id=1))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, attention_dropout=0.5))
+    ids = _ids()
+    model.train()
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is on
+    assert disable_dropout(model) is model
+    train_logits = model(input_ids=ids).logits
+    assert torch.equal(train_logits, model(input_ids=ids).logits)
+    torch.testing.assert_close(train_logits, model.eval()(input_ids=ids).logits, rtol=0, atol=0)
+    rates = {k: v for k, v in vars(model.config).items() if "drop" in k and isinstance(v, float)}
+    assert rates and set(rates.values()) == {0.0}, rates

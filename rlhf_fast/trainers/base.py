@@ -43,7 +43,9 @@ class BaseTrainer:
         self.wrapped: dict[str, torch.nn.Module] = {}
         seed_everything(args.seed + self.dist.rank)  # ranks sample different rollouts; rank 0 = one process
         # rank 0 writes metrics; the others keep the history in memory only
-        self.logger = MetricsLogger(args.output_dir, report_to=args.report_to if self.dist.is_main else ())
+        # a fresh run starts a new metrics.jsonl; a resumed one keeps the records up to its checkpoint (maybe_resume)
+        self.logger = MetricsLogger(args.output_dir, report_to=args.report_to if self.dist.is_main else (),
+                                    fresh=not args.resume_from)
 
     def train_module(self, name: str, model: torch.nn.Module, runner: torch.nn.Module | None = None):
         """Wrap ``runner`` (default: ``model``; a module whose forward uses all of ``model``) for this world,
@@ -70,13 +72,14 @@ class BaseTrainer:
                                        num_training_steps=max(1, num_training_steps))
         self.num_training_steps = num_training_steps
 
-    def optimizer_step(self, parameters: list[torch.nn.Parameter]) -> float:
-        """Clip, step, schedule, zero; returns the pre-clip (global) gradient norm."""
+    def optimizer_step(self, parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+        """Clip, step, schedule, zero; returns the pre-clip (global) gradient norm as a 0-d tensor on the
+        gradients' device (no host sync: the caller reads it when it logs)."""
         norm = self.dist.clip_grad_norm(parameters, self.args.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def autocast(self):
         """bf16 autocast on CUDA when ``args.bf16``; a no-op on CPU (CPU bf16 matmuls are slow and lossy)."""
@@ -97,7 +100,8 @@ class BaseTrainer:
         return {"history": list(self.logger.history)}
 
     def restore_extra(self, extra: dict) -> None:
-        self.logger.history = list(extra.get("history", []))
+        # metrics.jsonl (rank 0) is rewritten with the checkpoint's records: the resumed steps are not logged twice
+        self.logger.restart(self.global_step, extra.get("history"))
 
     def save_checkpoint(self, path: str | None = None) -> str:
         path = path or os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")

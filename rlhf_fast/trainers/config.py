@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -45,6 +47,7 @@ class TrainingConfig:
     distributed: str = "auto"  # auto (ddp when torchrun starts > 1 process) | none | ddp | fsdp2; docs/distributed.md
 
     def __post_init__(self) -> None:
+        _coerce_types(self)  # YAML reads 1e-5 as the string '1e-5': coerce, or refuse naming the field
         _check_positive(self, "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
                         "gradient_accumulation_steps", "max_length", "logging_steps")
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -83,7 +86,8 @@ class RewardConfig(TrainingConfig):
 
     learning_rate: float = 1e-5
     center_rewards_coefficient: Optional[float] = None  # adds coef * mean((r_c + r_r)^2) (Eisenstein et al.)
-    eval_steps: int = 0  # 0: evaluate at the end only
+    eval_steps: int = 0  # 0: evaluate at the end only (with an eval_dataset); > 0: also every eval_steps steps
+    disable_dropout: bool = True  # dropout off in the reward model (p = 0 in every dropout module and config field)
 
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
@@ -100,7 +104,7 @@ class PPOConfig(TrainingConfig):
     """
 
     learning_rate: float = 1e-6
-    max_steps: int = 100  # PPO steps (rollout + update); PPO counts steps, not epochs
+    max_steps: int = 100  # PPO steps (rollout + update); <= 0: num_train_epochs passes over the prompts
     # generation
     response_length: int = 53  # max new tokens
     temperature: float = 0.7
@@ -134,7 +138,10 @@ class PPOConfig(TrainingConfig):
     # memory / speed
     max_tokens_per_micro_batch: int = 4096  # token budget of each forward pass (rollout scoring and training)
     logprobs_from_hidden: bool = False  # fused_linear_ppo_loss on hidden states: never builds the logits
-    eval_steps: int = 0
+    eval_steps: int = 0  # > 0: evaluate every eval_steps PPO steps; with an eval_dataset always at the end too
+    # dropout off (p = 0) in the policy, reference, critic and reward model, as TRL: the ratio of new to old
+    # log-probs and the KL must compare the same function, not two dropout masks
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,6 +170,89 @@ class PPOConfig(TrainingConfig):
             ranks = f" * world_size ({world_size})" if world_size > 1 else ""
             raise ValueError(f"num_mini_batches={self.num_mini_batches} must divide the rollout batch "
                              f"per_device_train_batch_size * num_generations{ranks} = {batch}")
+
+
+def _coerce_types(config) -> None:
+    """Check every field against its annotation, converting what is unambiguous.
+
+    Config files come through PyYAML, which reads ``1e-5`` (no dot) as a string and ``3`` as an int: float fields
+    accept ints and numeric strings, int fields accept integral floats and integer strings, string fields accept
+    ``os.PathLike``, list fields accept a single string. Anything else raises ``ValueError`` naming the field, the
+    expected type and the value.
+    """
+    hints = typing.get_type_hints(type(config))
+    for item in dataclasses.fields(config):
+        expected = hints.get(item.name, Any)
+        value = getattr(config, item.name)
+        setattr(config, item.name, _coerce(item.name, expected, value))
+
+
+def _coerce(name: str, expected, value):
+    optional = False
+    if typing.get_origin(expected) is typing.Union:
+        arguments = [a for a in typing.get_args(expected) if a is not type(None)]
+        optional = len(arguments) < len(typing.get_args(expected))
+        expected = arguments[0] if len(arguments) == 1 else Any
+    if value is None and optional:
+        return None
+    base = typing.get_origin(expected) or expected
+
+    def refuse():
+        label = base.__name__ if isinstance(base, type) else str(base)
+        label = f"{label} or null" if optional else label
+        raise ValueError(f"{name}: expected {_article(label)} {label}, got {value!r} ({type(value).__name__})")
+
+    if base is Any:
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        refuse()
+    if base is float:
+        if isinstance(value, bool):
+            refuse()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                refuse()
+        refuse()
+    if base is int:
+        if isinstance(value, bool):
+            refuse()
+        if isinstance(value, int):
+            return value
+        number = value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:
+                    number = float(value.strip())
+                except ValueError:
+                    refuse()
+        if isinstance(number, float) and math.isfinite(number) and number == int(number):
+            return int(number)
+        refuse()
+    if base is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        refuse()
+    if base is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        refuse()
+    return value
+
+
+def _article(label: str) -> str:
+    return "an" if label[:1] in "aeiou" else "a"
 
 
 def _check_positive(config, *names: str) -> None:

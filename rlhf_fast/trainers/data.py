@@ -73,6 +73,15 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
+def truncate_left(ids: list[int], max_length: int, bos_id: int | None) -> list[int]:
+    """The last ``max_length`` tokens of ``ids``, keeping a leading BOS: ``[BOS] + ids[-(max_length - 1):]``."""
+    if len(ids) <= max_length:
+        return ids
+    if bos_id is not None and ids and ids[0] == bos_id and max_length > 1:
+        return [bos_id] + ids[len(ids) - (max_length - 1):]
+    return ids[len(ids) - max_length:] if max_length > 0 else []
+
+
 def encode_completion(tokenizer, completion: str) -> list[int]:
     """Completion ids followed by EOS, so that the model learns to stop."""
     ids = tokenizer(completion, add_special_tokens=False)["input_ids"]

@@ -96,19 +96,19 @@ class Distributed:
                 module.set_requires_gradient_sync(sync)
         return stack
 
-    def clip_grad_norm(self, parameters: list[torch.nn.Parameter], max_norm: Optional[float]) -> float:
-        """Global gradient norm (FSDP2 shards included), clipping to ``max_norm`` when given."""
+    def clip_grad_norm(self, parameters: list[torch.nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
+        """Global gradient norm (FSDP2 shards included) as a 0-d tensor, clipping to ``max_norm`` when given."""
         if self.strategy != "fsdp2":
             if max_norm:
-                return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
-            return float(torch.norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])))
+                return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+            return torch.norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
         grads = [p.grad for p in parameters if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads)
         if hasattr(norm, "full_tensor"):  # a DTensor holding this rank's partial norm: reduce it
             norm = norm.full_tensor()
         if max_norm:
             torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
-        return float(norm)
+        return norm
 
     # ---- collectives (no-ops in one process) ------------------------------------------------------------------
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

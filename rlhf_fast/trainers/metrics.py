@@ -8,23 +8,44 @@ from typing import Iterable, Optional
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to ``{out_dir}/metrics.jsonl`` and keeps them in ``history``."""
+    """Appends one JSON object per logged step to ``{out_dir}/metrics.jsonl`` and keeps them in ``history``.
 
-    def __init__(self, out_dir: str, *, report_to: Iterable[str] = ("jsonl",), prefix: str = ""):
+    ``fresh=True`` (a new run) starts a new ``metrics.jsonl``: a run never mixes its records with those of an
+    earlier run in the same directory. A resumed run calls ``restart(step, history)`` once it knows the
+    checkpoint's step: the file is rewritten with the records up to that step, and TensorBoard drops events
+    after it, so the resumed steps are not logged twice.
+    """
+
+    def __init__(self, out_dir: str, *, report_to: Iterable[str] = ("jsonl",), prefix: str = "", fresh: bool = True):
         self.out_dir = out_dir
         self.prefix = prefix
         self.history: list[dict] = []
         os.makedirs(out_dir, exist_ok=True)
         report_to = set(report_to or ())
         self.jsonl_path = os.path.join(out_dir, "metrics.jsonl") if "jsonl" in report_to else None
+        if self.jsonl_path and fresh:
+            open(self.jsonl_path, "w", encoding="utf-8").close()
         self._tensorboard = None
         if "tensorboard" in report_to:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            self._tensorboard = _summary_writer(os.path.join(out_dir, "tensorboard"))
 
-                self._tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-            except Exception:  # noqa: BLE001 - TensorBoard is optional
-                self._tensorboard = None
+    def restart(self, step: int, history: Optional[list[dict]] = None) -> None:
+        """Continue a run from ``step``: keep ``history`` (the checkpoint's records; default: the records of the
+        existing file) up to ``step`` and rewrite ``metrics.jsonl`` with them."""
+        if history is None:
+            history = []
+            if self.jsonl_path and os.path.isfile(self.jsonl_path):
+                with open(self.jsonl_path, encoding="utf-8") as handle:
+                    history = [json.loads(line) for line in handle if line.strip()]
+        self.history = [dict(r) for r in history if int(r.get("step", 0)) <= step]
+        if self.jsonl_path:
+            with open(self.jsonl_path, "w", encoding="utf-8") as handle:
+                for record in self.history:
+                    handle.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            folder = self._tensorboard.log_dir
+            self._tensorboard.close()
+            self._tensorboard = _summary_writer(folder, purge_step=step + 1)
 
     def log(self, metrics: dict, step: int) -> dict:
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
@@ -41,6 +62,15 @@ class MetricsLogger:
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _summary_writer(folder: str, purge_step: Optional[int] = None):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        return SummaryWriter(folder, purge_step=purge_step)
+    except Exception:  # noqa: BLE001 - TensorBoard is optional
+        return None
 
 
 def _plain(value):

@@ -13,6 +13,7 @@ experience and computes advantages and whitening on the global batch; losses div
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -23,7 +24,7 @@ from .. import ops
 from . import distributed
 from .base import BaseTrainer
 from .config import PPOConfig
-from .data import check_dataset, encode_prompt, pad_right, pad_token_id
+from .data import check_dataset, encode_prompt, pad_right, pad_token_id, truncate_left
 from .metrics import plot_metrics
 from .heads import PerTokenScalar, last_token_scores
 from .rollout import (Generation, generate, per_token_in_micro_batches, plan_micro_batches, response_mask,
@@ -57,6 +58,7 @@ class PPOTrainer(BaseTrainer):
         args.check_mini_batches(self.dist.world_size)
         if not isinstance(reward_model, torch.nn.Module) and not callable(reward_model):
             raise TypeError(f"reward_model: expected a model or a callable, got {type(reward_model).__name__}")
+        _check_distinct(model=model, ref_model=ref_model, reward_model=reward_model, value_model=value_model)
         # copies first: FSDP2 shards modules in place
         ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
         self.value_model = None
@@ -73,6 +75,15 @@ class PPOTrainer(BaseTrainer):
                                      "head on the policy) or use 'grpo' / 'rloo'")
                 value_model = copy.deepcopy(reward_model)  # initialise the critic from the reward model
             self.value_model = value_model.requires_grad_(True)
+        if args.disable_dropout:
+            # as TRL: with dropout, old / new / reference log-probs and values would each see another random mask,
+            # so a policy that has not moved would already show a ratio != 1, clipping and KL. (Scoring also
+            # runs in eval mode, see make_experience; this also turns dropout off in the training forward.)
+            from ..modeling import disable_dropout
+
+            for module in (model, ref_model, self.value_model, reward_model):
+                if isinstance(module, torch.nn.Module):
+                    disable_dropout(module)
         self.policy = model
         # logprobs_from_hidden: the body and the fused linear loss run inside one module's forward (FusedLinearLM,
         # the model's parameters under the model's names), which is what DDP / FSDP2 wrap; else the model itself.
@@ -94,18 +105,37 @@ class PPOTrainer(BaseTrainer):
         self.eos_id = self.tokenizer.eos_token_id if args.stop_token == "eos" else None
         dataset = check_dataset(train_dataset, "ppo", "train_dataset")
         self.prompts = [r["prompt"] for r in dataset]
-        self.prompt_ids = [encode_prompt(self.tokenizer, p)[-args.max_length:] for p in self.prompts]
+        self.prompt_ids = self._encode_prompts(self.prompts, "train_dataset")
         self.eval_prompts = [r["prompt"] for r in check_dataset(eval_dataset, "ppo", "eval_dataset")] \
             if eval_dataset is not None else None
+        self.eval_prompt_ids = (self._encode_prompts(self.eval_prompts, "eval_dataset")
+                                if self.eval_prompts is not None else None)
         self.callbacks = list(callbacks or [])
         self.kl_coef = args.kl_coef
         self.trainable = [p for m in self.models.values() for p in m.parameters() if p.requires_grad]
         if self.value_head is not None:  # inside the policy's runner, not part of the model
             self.trainable += list(self.value_head.parameters())
-        optimizer_steps = args.max_steps * args.num_ppo_epochs * args.num_mini_batches
+        if args.max_steps > 0:
+            self.num_ppo_steps = args.max_steps
+        else:  # num_train_epochs passes over the prompts, in the steps of _prompt_batch
+            self.num_ppo_steps = max(1, math.ceil(args.num_train_epochs * self._steps_per_epoch()))
+        optimizer_steps = self.num_ppo_steps * args.num_ppo_epochs * args.num_mini_batches
         self.create_optimizer_and_scheduler(self.trainable, optimizer_steps)
-        self.num_ppo_steps = args.max_steps
         self.maybe_resume()
+
+    def _encode_prompts(self, prompts: list[str], name: str) -> list[list[int]]:
+        """Prompt ids, the last ``max_length`` tokens of each (BOS kept in front)."""
+        ids = [truncate_left(encode_prompt(self.tokenizer, p), self.args.max_length, self.tokenizer.bos_token_id)
+               for p in prompts]
+        empty = [i for i, row in enumerate(ids) if not row]
+        if empty:
+            raise ValueError(f"{name}[{empty[0]}]: an empty prompt, and the tokenizer has no BOS token: there is "
+                             f"nothing to condition the response on ({len(empty)} such prompts); give every prompt "
+                             "some text, or use a tokenizer with a BOS token")
+        return ids
+
+    def _steps_per_epoch(self) -> int:
+        return max(1, len(self.prompts) // (self.args.per_device_train_batch_size * self.dist.world_size))
 
     def _runner(self, model: torch.nn.Module, value_head: bool = False) -> torch.nn.Module:
         """What runs ``model``'s log-prob and loss passes: ``CausalLMWithValueHead(model)`` with a value head,
@@ -140,8 +170,7 @@ class PPOTrainer(BaseTrainer):
         """Prompt indices of PPO step ``step`` on all ranks together: a fixed function of (seed, step), so
         resuming is exact, and one process with ``world_size`` times the batch size sees the same prompts."""
         size = self.args.per_device_train_batch_size * self.dist.world_size
-        per_epoch = max(1, len(self.prompts) // size)
-        epoch, position = divmod(step, per_epoch)
+        epoch, position = divmod(step, self._steps_per_epoch())
         order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.args.seed + epoch))
         chosen = order[position * size:(position + 1) * size].tolist()
         while len(chosen) < size:  # fewer prompts than a batch: cycle
@@ -201,6 +230,9 @@ class PPOTrainer(BaseTrainer):
     def make_experience(self, prompt_indices: list[int]) -> dict:
         """Sample, score and compute advantages for one PPO step."""
         args = self.args
+        for module in (self.policy_train, self.value_train):  # no dropout in scoring, whatever disable_dropout says
+            if module is not None:
+                module.eval()
         start = time.perf_counter()
         prompt_ids = [self.prompt_ids[i] for i in prompt_indices for _ in range(args.num_generations)]
         gen = self._generate_global(prompt_ids)  # blocks of whole prompts: a GRPO group stays on one rank
@@ -210,8 +242,9 @@ class PPOTrainer(BaseTrainer):
         sequences = [p + r for p, r in zip(gen.prompt_ids, gen.response_ids)]
         prompt_lens = [len(p) for p in gen.prompt_ids]
         response_lens = [len(r) for r in gen.response_ids]
-        ids, attention = pad_right(sequences, self.pad_id)
-        mask = response_mask(prompt_lens, response_lens, ids.shape[1] - 1)
+        # the experience lives on the training device (the ops run there; micro-batches are slices of it)
+        ids, attention = (t.to(self.device) for t in pad_right(sequences, self.pad_id))
+        mask = response_mask(prompt_lens, response_lens, ids.shape[1] - 1).to(self.device)
         budget = self._budget(sequences)
 
         def logprobs_of(model):
@@ -241,13 +274,15 @@ class PPOTrainer(BaseTrainer):
         completions = self._decode(gen.response_ids)
         scores = self._score(sequences, prompts_text, completions, budget)
         if args.missing_eos_penalty is not None and self.eos_id is not None:
-            scores = scores - args.missing_eos_penalty * (~torch.tensor(gen.stopped)).float()
+            scores = scores - args.missing_eos_penalty * (~torch.tensor(gen.stopped, device=scores.device)).float()
 
         kl = ops.token_kl(old_logp, ref_logp, estimator="k1") * mask  # per-token log-ratio to the reference
         kl_in_reward = self.kl_coef if args.kl_penalty == "reward" else 0.0
         advantages, returns = self._advantages(scores, kl, kl_in_reward, mask, values, response_lens)
         time_score = time.perf_counter() - start
+        # host copies of what planning and loss normalisation read (lengths, response tokens): no sync in update
         return dict(ids=ids, attention=attention, mask=mask, lengths=torch.tensor([len(s) for s in sequences]),
+                    host_lengths=[len(s) for s in sequences], host_mask_counts=mask.sum(-1).tolist(),
                     old_logp=old_logp, ref_logp=ref_logp, values=values, advantages=advantages, returns=returns,
                     scores=scores, kl=kl.sum(-1), response_lens=torch.tensor(response_lens, dtype=torch.float32),
                     stopped=torch.tensor(gen.stopped, dtype=torch.float32), prompts=prompts_text,
@@ -280,12 +315,12 @@ class PPOTrainer(BaseTrainer):
                              f"for {len(rows)} completions")
         out = torch.zeros(len(completions), dtype=torch.float32)
         out[torch.tensor(rows, dtype=torch.long)] = torch.as_tensor(list(scores), dtype=torch.float32)
-        return self.dist.all_reduce_sum(out)
+        return self.dist.all_reduce_sum(out).to(self.device)
 
     def _advantages(self, scores, kl, kl_coef, mask, values, response_lens):
         args = self.args
         last = (mask.cumsum(-1) * mask).argmax(-1)  # position of each row's last response token
-        rows = torch.arange(len(scores))
+        rows = torch.arange(len(scores), device=scores.device)
         if args.advantage_estimator == "gae":
             rewards = -kl_coef * kl
             rewards[rows, last] += scores
@@ -307,16 +342,22 @@ class PPOTrainer(BaseTrainer):
         return advantages, returns
 
     # ---- update -----------------------------------------------------------------------------------------------
-    def _micro_batch_loss(self, exp: dict, rows: torch.Tensor, num_tokens: float, num_seqs: int,
+    def _micro_batch_loss(self, exp: dict, rows: list[int], num_tokens: float, num_seqs: int,
                           loss_weight: float = 1.0):
-        """Backward of one micro-batch's share of the minibatch loss; ``loss_weight=0`` for a placeholder pass."""
+        """Backward of one micro-batch's share of the minibatch loss; ``loss_weight=0`` for a placeholder pass.
+
+        Returns ``(stats, losses, tokens)``, all device tensors (no host sync here): ``stats`` are means over the
+        micro-batch's response tokens (``tokens`` of them), ``losses`` (``pg_loss``, ``vf_loss``) the micro-batch's
+        shares of the minibatch losses (each divides by the minibatch's global counts), so their sum over the
+        micro-batches of all ranks is the minibatch loss."""
         args = self.args
-        width = int(exp["lengths"][rows].max())
-        ids = exp["ids"][rows, :width].to(self.device)
-        attention = exp["attention"][rows, :width].to(self.device)
+        width = max(exp["host_lengths"][i] for i in rows)  # host data: no device read
+        index = torch.tensor(rows, device=self.device)
+        ids = exp["ids"][index, :width].to(self.device)
+        attention = exp["attention"][index, :width].to(self.device)
 
         def take(name):
-            return exp[name][rows, : width - 1].to(self.device)
+            return exp[name][index, : width - 1].to(self.device)
 
         mask, labels = take("mask"), ids[:, 1:]
         kl_in_loss = args.kl_penalty == "loss" and self.kl_coef > 0
@@ -341,7 +382,8 @@ class PPOTrainer(BaseTrainer):
                 logits = self.policy_train(input_ids=ids, attention_mask=attention).logits[:, :-1]
                 loss, stats = ops.fused_ppo_loss(logits, labels, take("old_logp"), take("advantages"), mask,
                                                  **common)
-            stats = {k: float(v.detach()) for k, v in stats.items()}
+            stats = {k: v.detach().float() for k, v in stats.items()}
+            losses = {"pg_loss": loss.detach().float()}
             if self.value_model is not None:
                 new_values = self.value_train(ids, attention)[:, :-1]
             if new_values is not None:
@@ -349,47 +391,63 @@ class PPOTrainer(BaseTrainer):
                                                        clip=args.cliprange_value, agg=args.loss_agg,
                                                        num_tokens=num_tokens, num_seqs=num_seqs,
                                                        loss_scale=exp["mask"].shape[1])
-                stats.update(pg_loss=loss.item(), vf_loss=vf_loss.item(), vf_clip_frac=float(vf_stats["clip_frac"].detach()))
+                stats["vf_clip_frac"] = vf_stats["clip_frac"].detach().float()
+                losses["vf_loss"] = vf_loss.detach().float()
                 loss = loss + args.vf_coef * vf_loss
-            else:
-                stats["pg_loss"] = loss.item()
         # DDP / FSDP2 average gradients over ranks; grad_scale makes that the gradient of the global loss
         (loss * (loss_weight * self.dist.grad_scale)).backward()
-        return stats, float(mask.sum())
+        return stats, losses, mask.sum()
 
     def update(self, exp: dict) -> dict:
-        """``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout; returns averaged stats."""
+        """``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout; returns averaged stats.
+
+        ``pg_loss`` / ``vf_loss``: the mean over optimizer steps of the minibatch loss (the sum of its micro-batches'
+        shares); the other statistics are token-weighted means over all micro-batches. Everything stays on the
+        device until one reduction at the end (one all-reduce across ranks, one host read)."""
         args = self.args
         trained = [m for m in (self.policy_train, self.value_train) if m is not None]
         for module in trained:
             module.train()
         batch = exp["ids"].shape[0]
         size = batch // args.num_mini_batches
-        totals: dict[str, float] = {}
-        weight_sum, grad_norms = 0.0, []
+        totals: dict[str, torch.Tensor] = {}  # token-weighted sums of per-micro-batch means
+        loss_sums: dict[str, torch.Tensor] = {}  # sums of loss shares: the minibatch losses, added up
+        weight_sum = torch.zeros((), device=self.device)
+        grad_norms = []
         for _ in range(args.num_ppo_epochs):
-            order = self.dist.broadcast_object(torch.randperm(batch))  # rank 0's order: ranks' RNGs differ
+            # rank 0's order (ranks' RNGs differ), as a host list: indices, lengths and counts are host data
+            order = self.dist.broadcast_object(torch.randperm(batch)).tolist()
             for m in range(args.num_mini_batches):
                 minibatch = order[m * size:(m + 1) * size]
                 # every rank holds the whole experience, so these counts are already global
-                num_tokens = max(1.0, float(exp["mask"][minibatch].sum()))
-                micro_batches = self._plan(exp["lengths"][minibatch].tolist())
+                num_tokens = max(1.0, float(sum(exp["host_mask_counts"][i] for i in minibatch)))
+                micro_batches = self._plan([exp["host_lengths"][i] for i in minibatch])
                 for k, micro in enumerate(micro_batches):
+                    placeholder = not micro  # this rank has no sequence left: a zero-weight pass keeps it in step
                     with self.dist.gradient_sync(trained, sync=k == len(micro_batches) - 1):
-                        if not micro:  # this rank has no sequence left: a zero-weight pass keeps it in step
-                            self._micro_batch_loss(exp, minibatch[:1], num_tokens, len(minibatch), loss_weight=0.0)
-                            continue
-                        stats, tokens = self._micro_batch_loss(exp, minibatch[micro], num_tokens, len(minibatch))
-                    for key, value in stats.items():  # token-weighted means over micro-batches
-                        totals[key] = totals.get(key, 0.0) + value * tokens
-                    weight_sum += tokens
+                        stats, losses, tokens = self._micro_batch_loss(
+                            exp, minibatch[:1] if placeholder else [minibatch[j] for j in micro], num_tokens,
+                            len(minibatch), loss_weight=0.0 if placeholder else 1.0)
+                    for key, value in stats.items():
+                        contribution = torch.zeros_like(value) if placeholder else value * tokens
+                        totals[key] = totals[key] + contribution if key in totals else contribution
+                    for key, value in losses.items():
+                        contribution = torch.zeros_like(value) if placeholder else value
+                        loss_sums[key] = loss_sums[key] + contribution if key in loss_sums else contribution
+                    if not placeholder:
+                        weight_sum = weight_sum + tokens
                 grad_norms.append(self.optimizer_step(self.trainable))
-        if self.dist.world_size > 1:  # token-weighted over all ranks' micro-batches
-            parts = self.dist.all_gather_objects((totals, weight_sum))
-            totals = {k: sum(t.get(k, 0.0) for t, _ in parts) for k in sorted({k for t, _ in parts for k in t})}
-            weight_sum = sum(w for _, w in parts)
-        out = {k: v / max(1.0, weight_sum) for k, v in totals.items()}
-        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
+        # one reduction: every rank has the same keys (placeholder passes register theirs with zeros)
+        stat_keys, loss_keys = sorted(totals), sorted(loss_sums)
+        packed = torch.stack([totals[k] for k in stat_keys] + [loss_sums[k] for k in loss_keys]
+                             + [weight_sum.float()])
+        packed = self.dist.all_reduce_sum(packed)
+        packed = torch.cat([packed, torch.stack(grad_norms).float().mean().reshape(1).to(packed.device)]).tolist()
+        weight = max(1.0, packed[len(stat_keys) + len(loss_keys)])
+        out = {k: packed[i] / weight for i, k in enumerate(stat_keys)}
+        steps = len(grad_norms)
+        out.update({k: packed[len(stat_keys) + i] / steps for i, k in enumerate(loss_keys)})
+        out["grad_norm"] = packed[-1]
         return out
 
     def _adapt_kl(self, kl: float, batch: int) -> None:
@@ -408,10 +466,10 @@ class PPOTrainer(BaseTrainer):
         stats = self.update(exp)
         time_train = time.perf_counter() - train_start
         total = time.perf_counter() - start
-        kl = float(exp["kl"].mean())
+        reward, reward_std, rlhf_reward, kl = torch.stack([  # one host read for the rollout's statistics
+            exp["scores"].mean(), exp["scores"].std(), exp["rlhf_reward"].mean(), exp["kl"].mean()]).tolist()
         metrics = {
-            "reward": float(exp["scores"].mean()), "reward_std": float(exp["scores"].std()),
-            "rlhf_reward": float(exp["rlhf_reward"].mean()), "kl": kl, "kl_coef": self.kl_coef,
+            "reward": reward, "reward_std": reward_std, "rlhf_reward": rlhf_reward, "kl": kl, "kl_coef": self.kl_coef,
             "entropy": stats.get("entropy", float("nan")), "clip_frac": stats.get("clip_frac", float("nan")),
             "approx_kl": stats.get("approx_kl", float("nan")), "pg_loss": stats["pg_loss"],
             "response_length": float(exp["response_lens"].mean()), "eos_frac": float(exp["stopped"].mean()),
@@ -429,25 +487,32 @@ class PPOTrainer(BaseTrainer):
         return metrics
 
     def train(self) -> list[dict]:
+        """PPO steps up to ``num_ppo_steps``; with an ``eval_dataset``, evaluations every ``eval_steps`` steps
+        (when > 0) and always one at the end (logged with the last step's metrics, or as its own record)."""
         bar = self.progress(self.num_ppo_steps, self.global_step, "ppo")
+        evaluated_at = None
         while self.global_step < self.num_ppo_steps:
             metrics = self.step()
-            if self.eval_prompts and self.args.eval_steps and self.global_step % self.args.eval_steps == 0:
+            last = self.global_step == self.num_ppo_steps
+            if self.eval_prompts is not None and (
+                    last or (self.args.eval_steps and self.global_step % self.args.eval_steps == 0)):
                 metrics.update(self.evaluate())
-            if self.global_step % self.args.logging_steps == 0 or self.global_step == self.num_ppo_steps:
+                evaluated_at = self.global_step
+            if self.global_step % self.args.logging_steps == 0 or last:
                 self.log(metrics)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
             bar.update(1)
             self.maybe_save()
         bar.close()
+        if self.eval_prompts is not None and evaluated_at != self.global_step:  # resumed at the end: nothing ran
+            self.log(self.evaluate())
         self.finish("ppo")
         return self.logger.history
 
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Mean reward of one sampled completion per ``eval_dataset`` prompt (sampling as in the rollouts)."""
-        ids = [encode_prompt(self.tokenizer, p)[-self.args.max_length:] for p in self.eval_prompts]
-        gen = self._generate_global(ids)  # the eval prompts are split across ranks like the rollouts
+        gen = self._generate_global(self.eval_prompt_ids)  # the eval prompts are split across ranks like the rollouts
         sequences = [p + r for p, r in zip(gen.prompt_ids, gen.response_ids)]
         budget = self._budget(sequences)
         scores = self._score(sequences, self.eval_prompts, self._decode(gen.response_ids), budget)
@@ -459,3 +524,26 @@ class PPOTrainer(BaseTrainer):
         if self.args.plot and self.dist.is_main:
             plot_metrics(self.logger.history, os.path.join(self.args.output_dir, "ppo_reward_kl.png"),
                          keys=["reward", "kl", "entropy", "clip_frac", "response_length"], title="PPO")
+
+
+def _check_distinct(**models) -> None:
+    """Refuse one object (or shared parameters) in two roles where one of them is trained: the trainer freezes
+    the reference and the reward model (``requires_grad_(False)``), so a policy passed as its own reference, or a
+    critic passed as the reward model, would silently never train (TRL refuses ``model is ref_model`` too)."""
+    trained = {"model", "value_model"}
+    hints = {("model", "ref_model"): "pass ref_model=None for a frozen copy of the policy",
+             ("reward_model", "value_model"): "pass value_model=None to initialise the critic as a copy of the "
+                                              "reward model"}
+    named = [(name, m) for name, m in models.items() if isinstance(m, torch.nn.Module)]
+    for i, (first, a) in enumerate(named):
+        for second, b in named[i + 1:]:
+            if first not in trained and second not in trained:
+                continue  # two frozen models may share weights
+            hint = hints.get((first, second)) or hints.get((second, first)) or "pass a separate copy (copy.deepcopy)"
+            if a is b:
+                raise ValueError(f"{second}: the same object as {first}; {first} and {second} must be different "
+                                 f"models (one of them is trained, the other frozen or trained apart); {hint}")
+            shared = {id(p) for p in a.parameters()} & {id(p) for p in b.parameters()}
+            if shared:
+                raise ValueError(f"{second}: shares {len(shared)} parameter tensors with {first}; {first} and "
+                                 f"{second} must not share weights (one of them is trained); {hint}")

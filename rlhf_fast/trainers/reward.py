@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from .base import BaseTrainer
 from .config import RewardConfig
-from .data import check_dataset, encode_completion, encode_prompt, pad_right, pad_token_id
+from .data import check_dataset, encode_completion, encode_prompt, pad_right, pad_token_id, truncate_left
 from .heads import PerTokenScalar, last_token_scores
 
 
@@ -21,11 +22,14 @@ class RewardTrainer(BaseTrainer):
                  processing_class=None):
         super().__init__(args or RewardConfig(), processing_class)
         self.model = model
+        if self.args.disable_dropout:  # the same function for chosen and rejected, as TRL's disable_dropout
+            from ..modeling import disable_dropout
+
+            disable_dropout(model)
         self.scorer = self.train_module("model", model, PerTokenScalar(model))  # DDP / FSDP2 under torchrun
         self.pad_id = pad_token_id(self.tokenizer)
-        self.train_pairs = [self._encode(r) for r in check_dataset(train_dataset, "rm", "train_dataset")]
-        self.eval_pairs = ([self._encode(r) for r in check_dataset(eval_dataset, "rm", "eval_dataset")]
-                           if eval_dataset is not None else None)
+        self.train_pairs = self._encode_all(train_dataset, "train_dataset")
+        self.eval_pairs = self._encode_all(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         # one micro-batch index = per_device_train_batch_size pairs on every rank
         self.global_batch_size = self.args.per_device_train_batch_size * self.dist.world_size
         self.batches_per_epoch = math.ceil(len(self.train_pairs) / self.global_batch_size)
@@ -37,11 +41,31 @@ class RewardTrainer(BaseTrainer):
         self.maybe_resume()
 
     def _encode(self, record):
+        """(chosen ids, rejected ids, margin) within max_length. A prompt too long to leave room for the longer
+        response is cut from the left (BOS kept), so that the responses, which the reward must tell apart, stay;
+        responses longer than that are cut from the right."""
         prompt = encode_prompt(self.tokenizer, record["prompt"])
+        chosen = encode_completion(self.tokenizer, record["chosen"])
+        rejected = encode_completion(self.tokenizer, record["rejected"])
         limit = self.args.max_length
-        chosen = (prompt + encode_completion(self.tokenizer, record["chosen"]))[:limit]
-        rejected = (prompt + encode_completion(self.tokenizer, record["rejected"]))[:limit]
-        return chosen, rejected, float(record.get("margin", 0.0))
+        room = limit - max(len(chosen), len(rejected))
+        if len(prompt) > room:
+            keep = max(room, 1 if prompt else 0)  # at least one prompt token (BOS) when the responses fill it all
+            prompt = truncate_left(prompt, keep, self.tokenizer.bos_token_id)
+        return (prompt + chosen)[:limit], (prompt + rejected)[:limit], float(record.get("margin", 0.0))
+
+    def _encode_all(self, dataset, name: str):
+        """Encoded pairs; pairs whose chosen and rejected sequences are identical within max_length carry no
+        preference and are dropped with one warning (an error when none is left)."""
+        pairs = [self._encode(r) for r in check_dataset(dataset, "rm", name)]
+        kept = [p for p in pairs if p[0] != p[1]]
+        if len(kept) < len(pairs):
+            message = (f"{name}: {len(pairs) - len(kept)} of {len(pairs)} pairs have identical chosen and rejected "
+                       f"tokens within max_length={self.args.max_length}; they are dropped")
+            if not kept:
+                raise ValueError(message + " (none left)")
+            warnings.warn(message, stacklevel=3)
+        return kept
 
     def _micro_batch(self, index: int):
         """This rank's contiguous block of the ``index``-th global micro-batch (a function of seed and index)."""
@@ -67,9 +91,8 @@ class RewardTrainer(BaseTrainer):
         loss = -F.logsigmoid(chosen - rejected - margin).sum() / count
         if self.args.center_rewards_coefficient:
             loss = loss + self.args.center_rewards_coefficient * ((chosen + rejected) ** 2).sum() / count
-        with torch.no_grad():
-            stats = {"accuracy": float((chosen > rejected).float().sum()) / count,
-                     "margin": float((chosen - rejected).sum()) / count}
+        with torch.no_grad():  # device tensors: read once per optimizer step
+            stats = {"accuracy": (chosen > rejected).float().sum() / count, "margin": (chosen - rejected).sum() / count}
         return loss, stats
 
     def train(self) -> list[dict]:
@@ -90,18 +113,22 @@ class RewardTrainer(BaseTrainer):
                     loss, stats = self.compute_loss(pairs, num_pairs)
                     # DDP / FSDP2 average gradients over ranks: grad_scale turns that into the global-batch mean
                     (loss * (weight * self.dist.grad_scale / steps)).backward()
-                total_loss += loss.item() * weight / steps
-                accuracy += stats["accuracy"] * weight / steps
-            total_loss, accuracy = self.dist.sum_counts(total_loss, accuracy)
-            grad_norm = self.optimizer_step(list(self.model.parameters()))
+                total_loss = total_loss + loss.detach() * (weight / steps)
+                accuracy = accuracy + stats["accuracy"] * (weight / steps)
+            total_loss, accuracy = self.dist.sum_counts(float(total_loss), float(accuracy))
+            grad_norm = float(self.optimizer_step(list(self.model.parameters())))
             self.global_step += 1
+            metrics = {}
             if self.global_step % args.logging_steps == 0 or self.global_step == self.num_training_steps:
                 metrics = {"loss": total_loss, "accuracy": accuracy, "grad_norm": grad_norm,
                            "lr": self.scheduler.get_last_lr()[0], "step_time_s": time.perf_counter() - start}
-                if self.eval_pairs is not None and args.eval_steps and self.global_step % args.eval_steps == 0:
-                    metrics.update(self.evaluate())
-                self.log(metrics)
                 bar.set_postfix(loss=f"{total_loss:.3f}", acc=f"{accuracy:.2f}")
+            # evaluation has its own cadence: every eval_steps steps, logged with the step's metrics if any
+            if (self.eval_pairs is not None and args.eval_steps and self.global_step % args.eval_steps == 0
+                    and self.global_step < self.num_training_steps):  # the last step is evaluated below
+                metrics.update(self.evaluate())
+            if metrics:
+                self.log(metrics)
             bar.update(1)
             self.maybe_save()
         bar.close()

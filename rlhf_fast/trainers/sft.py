@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import torch
 
@@ -21,9 +22,8 @@ class SFTTrainer(BaseTrainer):
         super().__init__(args or SFTConfig(), processing_class)
         self.model = model
         self.train_model = self.train_module("model", model)  # DDP / FSDP2 under torchrun
-        self.train_examples = [self._encode(r) for r in check_dataset(train_dataset, "sft", "train_dataset")]
-        self.eval_examples = ([self._encode(r) for r in check_dataset(eval_dataset, "sft", "eval_dataset")]
-                              if eval_dataset is not None else None)
+        self.train_examples = self._encode_all(train_dataset, "train_dataset")
+        self.eval_examples = self._encode_all(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self.pad_id = pad_token_id(self.tokenizer)
         # one micro-batch index = per_device_train_batch_size examples on every rank
         self.global_batch_size = self.args.per_device_train_batch_size * self.dist.world_size
@@ -41,6 +41,28 @@ class SFTTrainer(BaseTrainer):
         prompt = encode_prompt(self.tokenizer, record["prompt"])
         ids = (prompt + encode_completion(self.tokenizer, record["completion"]))[: self.args.max_length]
         return ids, len(prompt)
+
+    def _encode_all(self, dataset, name: str) -> list[tuple[list[int], int]]:
+        """Encoded examples; those with no loss token (a prompt that fills max_length, with
+        ``completion_only_loss``) are dropped with one warning, and a dataset left empty is an error."""
+        examples = [self._encode(r) for r in check_dataset(dataset, "sft", name)]
+        kept = [e for e in examples if self.loss_token_count(e) > 0]
+        if len(kept) < len(examples):
+            dropped = len(examples) - len(kept)
+            message = (f"{name}: {dropped} of {len(examples)} examples have no loss token within "
+                       f"max_length={self.args.max_length} (the prompt fills it); "
+                       + ("all of them are" if not kept else "they are") + " dropped")
+            if not kept:
+                raise ValueError(message + "; raise max_length or shorten the prompts")
+            warnings.warn(message, stacklevel=3)
+        return kept
+
+    def loss_token_count(self, example: tuple[list[int], int]) -> int:
+        """Labels of ``example`` that the loss counts: the same positions as ``_collate``'s loss mask (label
+        ``t + 1`` is predicted at ``t``; with ``completion_only_loss`` only labels at positions >= prompt length)."""
+        ids, prompt_len = example
+        first = max(1, prompt_len) if self.args.completion_only_loss else 1
+        return max(0, len(ids) - first)
 
     def _micro_batch(self, index: int) -> list[tuple[list[int], int]]:
         """This rank's share of the ``index``-th global micro-batch of the run.
@@ -81,7 +103,7 @@ class SFTTrainer(BaseTrainer):
             first = self.global_step * args.gradient_accumulation_steps
             batches = [self._micro_batch(first + k) for k in range(args.gradient_accumulation_steps)]
             # the loss divides by the completion tokens of the whole step, on all ranks together
-            (tokens,) = self.dist.sum_counts(sum(sum(len(ids) - p for ids, p in batch) for batch in batches))
+            (tokens,) = self.dist.sum_counts(sum(self.loss_token_count(e) for batch in batches for e in batch))
             total_loss = 0.0
             for k, batch in enumerate(batches):
                 weight = 1.0
@@ -90,9 +112,9 @@ class SFTTrainer(BaseTrainer):
                 with self.dist.gradient_sync([self.train_model], sync=k == len(batches) - 1):
                     loss, _ = self.compute_loss(batch, num_tokens=tokens)
                     (loss * (weight * self.dist.grad_scale)).backward()  # DDP / FSDP2 average over ranks
-                total_loss += loss.item() * weight
-            (total_loss,) = self.dist.sum_counts(total_loss)
-            grad_norm = self.optimizer_step(list(self.model.parameters()))
+                total_loss = total_loss + loss.detach() * weight  # a device tensor: no host sync per micro-batch
+            (total_loss,) = self.dist.sum_counts(float(total_loss))
+            grad_norm = float(self.optimizer_step(list(self.model.parameters())))
             self.global_step += 1
             elapsed = time.perf_counter() - start
             if self.global_step % args.logging_steps == 0 or self.global_step == self.num_training_steps:
