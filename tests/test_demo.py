@@ -28,8 +28,10 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     for name in ("metrics.jsonl", "ppo_progress.png", "samples_before.txt", "samples_after.txt",
                  "ppo/final/model/model.safetensors"):
         assert (tmp_path / name).is_file(), name
-    stages = {json.loads(line)["stage"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
-    assert stages == {"sft", "rm", "ppo"}
-    assert summary["rm_accuracy"] >= 0.8
-    assert summary["ppo_gt_score"] > summary["sft_gt_score"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"sft", "rm", "ppo"}
+    ppo_steps = [r["step"] for r in records if r["stage"] == "ppo"]
+    assert ppo_steps == sorted(set(ppo_steps))  # one run's records, each step once
+    assert summary["rm_accuracy"] >= 0.9
+    assert summary["ppo_gt_score"] >= 1.1 * summary["sft_gt_score"]
     assert summary["kl_to_sft"] < 10.0
