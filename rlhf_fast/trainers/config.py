@@ -34,7 +34,7 @@ class TrainingConfig:
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1
-    max_length: int = 512  # longer examples are truncated from the right
+    max_length: int = 512  # SFT: cut from the right; RM: prompt cut from the left first; PPO prompts: left, BOS kept
     logging_steps: int = 1
     save_steps: int = 0  # 0: save only at the end
     save_final: bool = True
