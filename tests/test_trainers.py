@@ -292,7 +292,7 @@ def test_ppo_yaml_with_a_value_head(tokenizer, tmp_path):
         model.save_pretrained(tmp_path / name)
         tokenizer.save_pretrained(tmp_path / name)
     (tmp_path / "ppo.jsonl").write_text("".join(f'{{"prompt": "{p}"}}\n' for p in PROMPTS[:4]))
-    text = ("model: policy\nreward_model: rm\ntrain_file: ppo.jsonl\ncritic: value_head\nmax_steps: 1\n"
+    text = ("model: policy\nreward_model: rm\ntrain_file: ppo.jsonl\ncritic: value_head\nmax_steps: 1\noutput_dir: out\n"
             "per_device_train_batch_size: 4\ndisable_tqdm: true\nplot: false\nreport_to: [jsonl]\n")
     (tmp_path / "ppo.yaml").write_text(text)
     trainer = build_trainer("ppo", str(tmp_path / "ppo.yaml"))
