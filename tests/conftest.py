@@ -43,3 +43,20 @@ def backend(monkeypatch):
         monkeypatch.setenv("RLHF_FAST_BACKEND", name)
 
     return use
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and CI machines are shared (trainer test modules opt in)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The demo's shipped tokenizer."""
+    from rlhf_fast.demo.model import load_tokenizer
+
+    return load_tokenizer()

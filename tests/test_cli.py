@@ -5,20 +5,13 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from rlhf_fast.cli import main  # noqa: E402
 from rlhf_fast.demo import task  # noqa: E402
 from rlhf_fast.demo.model import load_tokenizer, tiny_llama_config  # noqa: E402
 
 FAST = "disable_tqdm: true\nplot: false\nreport_to: [jsonl]\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

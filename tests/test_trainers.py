@@ -8,28 +8,15 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 from rlhf_fast import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer  # noqa: E402
 from rlhf_fast.demo import task  # noqa: E402
-from rlhf_fast.demo.model import load_tokenizer, tiny_llama_config  # noqa: E402
+from rlhf_fast.demo.model import tiny_llama_config  # noqa: E402
 from rlhf_fast.trainers.data import load_jsonl  # noqa: E402
 
 QUIET = dict(disable_tqdm=True, report_to=["jsonl"], plot=False, save_final=False)
 TIMING_KEYS = {"tokens_per_s", "time_generate_s", "time_score_s", "time_train_s", "step_time_s"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and CI machines are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
 
 def tiny(tokenizer, kind="lm", seed=0):
