@@ -198,30 +198,51 @@ def _backward(gfac: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -
     return out
 
 
+class _Reduction:
+    """What both loss Functions share: tiles, the per-program partial sums, the saved ``dl/dx * w`` factor."""
+
+    def __init__(self, ctx, x: torch.Tensor, weights: torch.Tensor):
+        R, T = x.shape
+        self.block_r, self.block_t, grid_r, grid_t = _tiles(R, T)
+        self.grid = (grid_r, grid_t)
+        self.programs = grid_r * grid_t
+        self.store_grad = ctx.needs_input_grad[0]
+        alloc = torch.empty if self.programs else torch.zeros
+        self.partials = alloc((NSTAT, max(self.programs, 1)), dtype=torch.float32, device=x.device)
+        # Without a gradient to store the kernel never writes gfac: any float32 [R, T] buffer will do.
+        self.gfac = torch.empty((R, T), dtype=torch.float32, device=x.device) if self.store_grad else weights
+
+    def finish(self, ctx, x: torch.Tensor) -> torch.Tensor:
+        out = _finalize(self.partials, max(self.programs, 1))
+        if self.store_grad:
+            ctx.save_for_backward(self.gfac)
+        ctx.store_grad = self.store_grad
+        ctx.dtype = x.dtype
+        return out
+
+
+def _loss_backward(ctx, grad_loss, num_inputs: int):
+    # Only the first input (logp or values) is differentiable; the others get None.
+    if not ctx.store_grad:
+        return (None,) * num_inputs
+    (gfac,) = ctx.saved_tensors
+    return (_backward(gfac, grad_loss, ctx.dtype),) + (None,) * (num_inputs - 1)
+
+
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, mask, weights, is_weights, clip_low, clip_high, dual_clip):
-        R, T = logp.shape
-        block_r, block_t, grid_r, grid_t = _tiles(R, T)
-        P = grid_r * grid_t
-        device = logp.device
-        store_grad = ctx.needs_input_grad[0]
-        partials = (torch.empty if P else torch.zeros)((NSTAT, max(P, 1)), dtype=torch.float32, device=device)
-        gfac = torch.empty((R, T), dtype=torch.float32, device=device) if store_grad else weights
-        if P:
+        red = _Reduction(ctx, logp, weights)
+        if red.programs:
             isw = is_weights if is_weights is not None else logp
-            _policy_fwd_kernel[(grid_r, grid_t)](
+            _policy_fwd_kernel[red.grid](
                 *_strides(logp), *_strides(old_logp), *_strides(advantages), *_strides(isw),
-                *_strides(_mask_view(mask)), weights, gfac, partials, R, T, P,
+                *_strides(_mask_view(mask)), weights, red.gfac, red.partials, *logp.shape, red.programs,
                 float(clip_low), float(clip_high), float(dual_clip if dual_clip is not None else 0.0),
-                HAS_DUAL=dual_clip is not None, HAS_ISW=is_weights is not None, STORE_GRAD=store_grad,
-                BLOCK_R=block_r, BLOCK_T=block_t,
+                HAS_DUAL=dual_clip is not None, HAS_ISW=is_weights is not None, STORE_GRAD=red.store_grad,
+                BLOCK_R=red.block_r, BLOCK_T=red.block_t,
             )
-        out = _finalize(partials, max(P, 1))
-        if store_grad:
-            ctx.save_for_backward(gfac)
-        ctx.store_grad = store_grad
-        ctx.dtype = logp.dtype
+        out = red.finish(ctx, logp)
         stats = (out[_CLIP], out[_KL], out[_RATIO], out[_DUAL])
         ctx.mark_non_differentiable(*stats)
         return (out[_LOSS], *stats)
@@ -229,34 +250,21 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_loss, *_):
-        # Only ``logp`` is differentiable; the other inputs get None (the wrapper detaches them anyway).
-        if not ctx.store_grad:
-            return (None,) * 9
-        (gfac,) = ctx.saved_tensors
-        return (_backward(gfac, grad_loss, ctx.dtype),) + (None,) * 8
+        return _loss_backward(ctx, grad_loss, 9)
 
 
 class _ValueLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, old_values, returns, mask, weights, clip):
-        R, T = values.shape
-        block_r, block_t, grid_r, grid_t = _tiles(R, T)
-        P = grid_r * grid_t
-        device = values.device
-        store_grad = ctx.needs_input_grad[0]
-        partials = (torch.empty if P else torch.zeros)((NSTAT, max(P, 1)), dtype=torch.float32, device=device)
-        gfac = torch.empty((R, T), dtype=torch.float32, device=device) if store_grad else weights
-        if P:
-            _value_fwd_kernel[(grid_r, grid_t)](
+        red = _Reduction(ctx, values, weights)
+        if red.programs:
+            _value_fwd_kernel[red.grid](
                 *_strides(values), *_strides(old_values), *_strides(returns), *_strides(_mask_view(mask)),
-                weights, gfac, partials, R, T, P, float(clip if clip is not None else 0.0),
-                HAS_CLIP=clip is not None, STORE_GRAD=store_grad, BLOCK_R=block_r, BLOCK_T=block_t,
+                weights, red.gfac, red.partials, *values.shape, red.programs,
+                float(clip if clip is not None else 0.0),
+                HAS_CLIP=clip is not None, STORE_GRAD=red.store_grad, BLOCK_R=red.block_r, BLOCK_T=red.block_t,
             )
-        out = _finalize(partials, max(P, 1))
-        if store_grad:
-            ctx.save_for_backward(gfac)
-        ctx.store_grad = store_grad
-        ctx.dtype = values.dtype
+        out = red.finish(ctx, values)
         stats = (out[_VCLIP], out[_VALUE])
         ctx.mark_non_differentiable(*stats)
         return (out[_LOSS], *stats)
@@ -264,11 +272,7 @@ class _ValueLoss(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_loss, *_):
-        # Only ``values`` is differentiable.
-        if not ctx.store_grad:
-            return (None,) * 6
-        (gfac,) = ctx.saved_tensors
-        return (_backward(gfac, grad_loss, ctx.dtype),) + (None,) * 5
+        return _loss_backward(ctx, grad_loss, 6)
 
 
 def _check_rows(name: str, t: torch.Tensor, shape) -> None:
