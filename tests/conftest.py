@@ -60,3 +60,14 @@ def tokenizer():
     from rlhf_fast.demo.model import load_tokenizer
 
     return load_tokenizer()
+
+
+@pytest.fixture
+def triton_small_chunks(backend, monkeypatch):
+    """The Triton backend; on CPU (interpreter) the log-prob kernels' vocabulary chunk drops to 64, so that small
+    vocabularies still span several chunks, the last one partial."""
+    backend("triton")
+    from rlhf_fast.kernels import logprobs
+
+    if not HAS_CUDA:
+        monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 64)

@@ -20,12 +20,8 @@ FULL = dict(
 
 
 @pytest.fixture(autouse=True)
-def triton_backend(backend, monkeypatch):
-    backend("triton")
-    from rlhf_fast.kernels import logprobs
-
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 64)
+def triton_backend(triton_small_chunks):
+    """Every test here runs the Triton kernels (interpreter on CPU, small vocabulary chunks)."""
 
 
 def _device():
