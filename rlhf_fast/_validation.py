@@ -33,7 +33,9 @@ def check_labels(name: str, labels, vocab_size: int) -> torch.Tensor:
     if labels.dtype not in LABEL_DTYPES:
         raise TypeError(f"{name}: expected dtype in {_names(LABEL_DTYPES)}, got {labels.dtype}")
     if labels.numel():
-        low, high = int(labels.min()), int(labels.max())  # one sync; it prevents out-of-bounds reads
+        # One reduction and one device-to-host copy (a single sync): the kernels index rows by label, so an
+        # out-of-range label would read out of bounds.
+        low, high = torch.stack(torch.aminmax(labels)).tolist()
         if low < 0 or high >= vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"{name}: expected values in [0, {vocab_size - 1}] (the vocabulary), got {bad}")

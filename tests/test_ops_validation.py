@@ -96,3 +96,31 @@ def test_flat_per_token_inputs_are_one_sequence():
     flat, _ = ops.ppo_policy_loss(logp, old, adv, mask, agg="seq-mean-token-mean")
     rows, _ = ops.ppo_policy_loss(logp[None], old[None], adv[None], mask[None], agg="seq-mean-token-mean")
     torch.testing.assert_close(flat, rows)
+
+
+def test_label_range_check_is_one_reduction_and_one_copy():
+    """The label check is the only device sync of the log-prob ops: one aminmax, one copy to the host, no
+    per-bound scalar reads (each ``int(tensor)`` would be a separate sync on CUDA)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from rlhf_fast._validation import check_labels
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    for dtype in (torch.int64, torch.int32):
+        labels = torch.tensor([[3, 0], [6, 2]], dtype=dtype)
+        with Record() as seen:
+            check_labels("labels", labels, 7)
+        assert seen.ops.count("aminmax") == 1, seen.ops
+        assert not {"min", "max", "_local_scalar_dense", "item"} & set(seen.ops), seen.ops
+        with pytest.raises(ValueError, match=r"labels: expected values in \[0, 6\].*got 7"):
+            check_labels("labels", labels + 1, 7)
+        with pytest.raises(ValueError, match=r"labels: .*got -1"):
+            check_labels("labels", labels - 1, 7)
