@@ -83,6 +83,27 @@ def test_linear_logprobs_forward_backward(dtype, with_bias, temperature, tol):
         _close(b.grad, br.grad, dtype, tol, "d_bias")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dweight_by_torch_mm_matches_triton_kernel(dtype, tol, monkeypatch):
+    """RLHF_FAST_LINEAR_DWEIGHT=torch (cuBLAS on a GPU) gives the weight gradient of the Triton GEMM; the other
+    gradients are the same tensors bit for bit (the switch touches d_weight only)."""
+    hidden, weight, bias, labels = _inputs(dtype=dtype, bias=True, seed=11)
+    grads = {}
+    for choice in ("triton", "torch"):
+        monkeypatch.setenv("RLHF_FAST_LINEAR_DWEIGHT", choice)
+        (h, w, b), _ = _leaves(hidden, weight, bias, dtype)
+        logp, ent = K.linear_logprobs(h, w, labels, bias=b, temperature=0.8, return_entropy=True)
+        (logp - 0.3 * ent).sum().backward()
+        grads[choice] = (h.grad, w.grad, b.grad)
+    assert torch.equal(grads["torch"][0], grads["triton"][0]) and torch.equal(grads["torch"][2], grads["triton"][2])
+    assert grads["torch"][1].dtype == dtype
+    _close(grads["torch"][1], grads["triton"][1], dtype, tol, "d_weight")
+    monkeypatch.setenv("RLHF_FAST_LINEAR_DWEIGHT", "cutlass")
+    (h, w, b), _ = _leaves(hidden, weight, bias, dtype)
+    with pytest.raises(ValueError, match=r"RLHF_FAST_LINEAR_DWEIGHT: expected one of \['triton', 'torch'\], got 'cutlass'"):
+        K.linear_logprobs(h, w, labels).sum().backward()
+
+
 def test_linear_logprobs_matches_chunked_reference(tol):
     """Same numbers as rlhf_fast.reference.linear_logprobs (the CPU fallback), logp-only upstream gradient."""
     hidden, weight, bias, labels = _inputs(bias=True, seed=2)

@@ -87,6 +87,24 @@ def kernel_config(hidden_size: int, vocab: int, dtype: torch.dtype, device: torc
                         mm_num_stages=3)
 
 
+DWEIGHT_GEMMS = ("triton", "torch")
+
+
+def dweight_gemm_choice() -> str:
+    """Who computes each vocabulary chunk's ``d_weight = dz.T @ hidden`` (one GEMM over all tokens either way).
+
+    ``triton`` (default): ``_dweight_kernel``, fp32 accumulation in registers, cast once. ``torch``: ``torch.mm``
+    (cuBLAS on CUDA), for timing the two side by side on a GPU (``RLHF_FAST_LINEAR_DWEIGHT=torch``); note that
+    cuBLAS may reduce split-K partial sums in bf16 / fp16 unless
+    ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` (or the fp16 one) is False. The weight
+    gradient is a sum over tokens, so either choice leaves the per-token outputs (and their batch invariance)
+    untouched."""
+    value = os.environ.get("RLHF_FAST_LINEAR_DWEIGHT", "triton").strip().lower() or "triton"
+    if value not in DWEIGHT_GEMMS:
+        raise ValueError(f"RLHF_FAST_LINEAR_DWEIGHT: expected one of {list(DWEIGHT_GEMMS)}, got {value!r}")
+    return value
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs: exact products (no tf32) so that fp32 results match the fp32 reference.
     # Other dtypes: None, the default (ignored for fp16 / bf16 operands).
@@ -348,6 +366,7 @@ def _backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entrop
     if not (need_hidden or need_weight or need_bias):
         return None, None, None
     prec = _dot_precision(hidden.dtype)
+    dweight_gemm = dweight_gemm_choice()
     glp = grad_logp.float().contiguous() if grad_logp is not None else lse
     gent = grad_entropy.float().contiguous() if grad_entropy is not None else lse
     chunk = min(cfg.chunk_v, triton.cdiv(v, cfg.block_v) * cfg.block_v)
@@ -373,7 +392,9 @@ def _backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entrop
                 ACCUMULATE=v_start > 0, BLOCK_M=cfg.mm_block_m, BLOCK_H=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k,
                 DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.mm_num_stages,
             )
-        if need_weight:
+        if need_weight and dweight_gemm == "torch":
+            torch.mm(dz[:, :width].t(), hidden, out=d_weight[v_start : v_start + width])
+        elif need_weight:
             _dweight_kernel[(triton.cdiv(width, cfg.mm_block_m), triton.cdiv(h, cfg.mm_block_n))](
                 dz, hidden, d_weight[v_start : v_start + width], n, h, width, dz.stride(0), hidden.stride(0),
                 d_weight.stride(0), BLOCK_M=cfg.mm_block_m, BLOCK_H=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k,
