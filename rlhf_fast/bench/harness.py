@@ -49,6 +49,18 @@ def cpu_time_ms(fn: Callable[[], Any], *, warmup: int, rep: int) -> list[float]:
     return times
 
 
+def optional(label: str, load: Callable[[], Any]) -> Any:
+    """``load()`` for an optional peer baseline, or None (with the reason printed) when it is missing or broken."""
+    try:
+        return load()
+    except Exception as exc:  # noqa: BLE001 - a missing or broken peer is skipped, not a crash of the family
+        while exc.__cause__ is not None:  # TRL's lazy modules wrap the import error that says what is missing
+            exc = exc.__cause__
+        reason = (str(exc).splitlines() or [""])[0][:100]
+        print(f"  skipped {label}: {type(exc).__name__}: {reason}")
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def copy_bandwidth_gbps(device_index: int = 0) -> float:
     """Measured device-to-device copy bandwidth (read + write bytes per second): the roofline we quote."""

@@ -4,12 +4,18 @@ Full size (CUDA): ``N=8192`` tokens, ``H=4096``, ``V=151936`` (Qwen-sized vocabu
 - ``matmul x1 (floor)`` / ``matmul x3 (floor)``: the plain ``[N, H] x [H, V]`` products of the unfused path,
   one for the forward, three for forward + backward (logits, d_hidden, d_weight): the compute floor;
 - ``eager unfused`` (baseline): ``hidden @ weight.T``, float32 log-softmax, gather (autograd for the backward);
-- ``liger FLCE``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (cross entropy = -logp), when importable;
-- ``trl FusedLinearGRPOLoss``: TRL's chunked fused linear PPO-style loss (pure PyTorch), when importable;
+- ``trl ChunkedLogProb``: TRL's fused LM head (``trl.kernels.ChunkedLogProbFunction``, what its GRPO trainer runs:
+  cuBLAS tiles of the vocabulary chunk its trainer uses, a Triton fold on CUDA, torch ops on CPU); in the PPO loss
+  row followed by the loss math in eager PyTorch, as that trainer does;
+- ``liger FLCE``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (cross entropy = -logp; Triton, CUDA only);
+- ``liger FusedLinearGRPOLoss``: Liger's chunked fused linear GRPO loss (``compiled=False``: no torch.compile time),
+  ``loss_type="bnpo"`` (= our token-mean), the same ref log-probs, beta and clip bounds, PPO loss row;
+- ``trl FusedLinearGRPOLoss``: ``trl.losses.FusedLinearGRPOLoss``, for TRL versions that have it (1.16 does not);
 - ``rlhf_fast ...``: ours, through ``rlhf_fast.ops`` (the Triton kernels on CUDA).
+Peers run only when importable; one that is missing or broken is skipped with a one-line reason.
 Every fwd+bwd provider returns the gradients of both ``hidden`` and ``weight`` via ``torch.autograd.grad`` (no
 ``.grad`` accumulation). TFLOP/s are *useful* work: ``2NHV`` for the forward, ``6NHV`` for forward + backward.
-Quick mode: tiny shapes on CPU, reference providers only, in seconds.
+Quick mode: tiny shapes on CPU in seconds (the peers that run on CPU included).
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ import torch
 
 from .. import ops, reference
 from .._dispatch import select_backend
-from .harness import Bench
+from .harness import Bench, optional
 
 
 def _ours(bench: Bench) -> str:
@@ -29,19 +35,35 @@ def _eager_logprobs(hidden, weight, labels):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-def _optional_liger():
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except Exception:  # noqa: BLE001 - not installed or broken: skip the provider
-        return None
+def _load_trl_chunked():
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer import utils as trl_utils  # the backward imports it (and through it `datasets`): fail here
+
+    chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)  # the vocabulary chunk of TRL's fused LM head
+
+    def logprobs(hidden, weight, labels):
+        # apply(hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs): log-probs only
+        return ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, chunk, None, 1.0, ("log_probs",))[0]
+
+    return logprobs
+
+
+def _load_liger_flce():
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
     return LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
 
-def _optional_trl():
-    try:
-        from trl.losses import FusedLinearGRPOLoss
-    except Exception:  # noqa: BLE001
-        return None
+def _load_liger_grpo(kl_coef, clip_low, clip_high):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    return LigerFusedLinearGRPOLoss(beta=kl_coef, compiled=False, use_ref_model=True, epsilon_low=clip_low,
+                                    epsilon_high=clip_high, loss_type="bnpo")
+
+
+def _load_trl_losses():
+    from trl.losses import FusedLinearGRPOLoss
+
     return FusedLinearGRPOLoss(beta=0.04, use_ref_model=False, loss_type="bnpo", compiled=False)
 
 
@@ -62,6 +84,7 @@ def run(bench: Bench) -> None:
     fwd_flops, step_flops = 2.0 * n * h * v, 6.0 * n * h * v
     ours = _ours(bench)
     both = (hidden, weight)
+    trl_logprobs = optional("trl ChunkedLogProbFunction", _load_trl_chunked)
 
     # ---- forward, no grad (old-policy / reference log-probs) ----------------------------------------------
     op = "linear_logprobs fwd (no grad)"
@@ -70,6 +93,9 @@ def run(bench: Bench) -> None:
         bench.measure(op, "matmul x1 (floor)", shape, dname, lambda: h0 @ w0.t(), flops=fwd_flops)
         bench.measure(op, "eager unfused", shape, dname, lambda: _eager_logprobs(h0, w0, labels),
                       flops=fwd_flops, baseline=True)
+        if trl_logprobs is not None:
+            bench.measure(op, "trl ChunkedLogProb", shape, dname, lambda: trl_logprobs(h0, w0, labels),
+                          flops=fwd_flops)
         bench.measure(op, ours, shape, dname, lambda: ops.linear_logprobs(h0, w0, labels), flops=fwd_flops)
 
     # ---- forward + backward of per-token log-probs ----------------------------------------------------------
@@ -89,7 +115,12 @@ def run(bench: Bench) -> None:
 
     bench.measure(op, "matmul x3 (floor)", shape, dname, three_matmuls, flops=step_flops)
     bench.measure(op, "eager unfused", shape, dname, eager_step, flops=step_flops, baseline=True)
-    liger = _optional_liger()
+    if trl_logprobs is not None:
+        bench.measure(op, "trl ChunkedLogProb", shape, dname,
+                      lambda: torch.autograd.grad(trl_logprobs(hidden, weight, labels), both, grad_logp),
+                      flops=step_flops)
+    # Liger's FLCE is a Triton kernel: CUDA only. Its upstream gradient is all ones (sum reduction): same work.
+    liger = optional("liger FLCE", _load_liger_flce) if bench.on_cuda else None
     if liger is not None:
         bench.measure(op, "liger FLCE", shape, dname,
                       lambda: torch.autograd.grad(liger(weight, hidden, labels), both), flops=step_flops)
@@ -103,8 +134,10 @@ def run(bench: Bench) -> None:
     ref = logp0 + 0.1 * torch.randn(rows, steps, device=device)
     adv = torch.randn(rows, device=device)
     mask = torch.rand(rows, steps, device=device) > 0.1
-    kwargs = dict(ref_logp=ref, kl_coef=0.04, clip_low=0.2, clip_high=0.28)
+    kl_coef, clip_low, clip_high = 0.04, 0.2, 0.28
+    kwargs = dict(ref_logp=ref, kl_coef=kl_coef, clip_low=clip_low, clip_high=clip_high)
     h3, lab2 = hidden.view(rows, steps, h), labels.view(rows, steps)
+    maskf = mask.float()  # the peers take a float mask: cast once, outside the timing
 
     def eager_ppo():
         logits = (hidden @ weight.t()).view(rows, steps, v)
@@ -117,10 +150,24 @@ def run(bench: Bench) -> None:
 
     bench.measure(op, "matmul x3 (floor)", shape, dname, three_matmuls, flops=step_flops)
     bench.measure(op, "eager unfused", shape, dname, eager_ppo, flops=step_flops, baseline=True)
-    trl_loss = _optional_trl()
+    if trl_logprobs is not None:
+        def trl_ppo():  # TRL's GRPO trainer path: fused LM head log-probs, then the loss math in eager PyTorch
+            logp = trl_logprobs(hidden, weight, labels).view(rows, steps)
+            loss, _ = reference.policy_loss_terms(logp, logp, old, adv, mask, **kwargs)  # entropy unused (coef 0)
+            return torch.autograd.grad(loss, both)
+
+        bench.measure(op, "trl ChunkedLogProb + eager loss", shape, dname, trl_ppo, flops=step_flops)
+    liger_grpo = optional("liger FusedLinearGRPOLoss", lambda: _load_liger_grpo(kl_coef, clip_low, clip_high))
+    if liger_grpo is not None:
+        def liger_step():
+            loss, _ = liger_grpo(h3, weight, lab2, maskf, adv, ref_per_token_logps=ref, old_per_token_logps=old)
+            return torch.autograd.grad(loss, both)
+
+        bench.measure(op, "liger FusedLinearGRPOLoss (bnpo)", shape, dname, liger_step, flops=step_flops)
+    trl_loss = optional("trl.losses.FusedLinearGRPOLoss", _load_trl_losses)
     if trl_loss is not None:
         def trl_step():
-            out = trl_loss(h3, weight, lab2, mask.float(), adv, ref_per_token_logps=ref, old_per_token_logps=old)
+            out = trl_loss(h3, weight, lab2, maskf, adv, ref_per_token_logps=ref, old_per_token_logps=old)
             loss = out[0] if isinstance(out, tuple) else out
             return torch.autograd.grad(loss, both)
 

@@ -10,7 +10,8 @@ Full size (CUDA): logits ``B=4, T=2048, V=151936`` (Qwen-sized vocabulary) in bf
 - ``logprobs_and_entropy fwd`` (no grad): eager, compile, ours.
 - ``fused_ppo_loss fwd+bwd`` (GRPO-style: per-sequence advantages, k3 KL to a reference with ``kl_coef=0.04``,
   clip 0.2 / 0.28, temperature 0.9, ``seq-mean-token-mean``): eager reference with autograd, compile of it,
-  ``liger`` (``triton_grpo_loss``, ``inplace=True``, same options), ours with ``inplace_grad=True`` and ``False``.
+  ``liger`` (``triton_grpo_loss``, ``inplace=True``, ``loss_type="grpo"`` = seq-mean-token-mean, ``reduce=True``:
+  a scalar loss, same options), ours with ``inplace_grad=True`` and ``False``.
 
 ``bytes_moved``: the logits read once plus the per-token outputs for the forwards; for the loss forward + backward
 the logits read twice plus the gradient written once (Liger's and our two-pass bound), so GB/s and % of copy
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops, reference
-from .harness import Bench
+from .harness import Bench, optional
 
 GRPO = dict(kl_coef=0.04, kl_estimator="k3", temperature=0.9, clip_low=0.2, clip_high=0.28,
             agg="seq-mean-token-mean")
@@ -41,12 +42,10 @@ def trl_selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torc
     return torch.stack(out)
 
 
-def _optional_liger():
-    try:
-        from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
-    except Exception:  # noqa: BLE001 - not installed or broken: skip the provider
-        return None, None
+def _load_liger():
+    from liger_kernel.ops.grpo_loss import fused_selective_log_softmax
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
     return fused_selective_log_softmax, triton_grpo_loss
 
 
@@ -78,7 +77,8 @@ def run(bench: Bench) -> None:
     logits_bytes = logits.numel() * logits.element_size()
     triton_ok = bench.on_cuda
     compile_ok = bench.on_cuda or not bench.quick  # Inductor compiles take tens of seconds on a small CPU
-    liger_slsm, liger_grpo = _optional_liger() if triton_ok else (None, None)
+    liger = optional("liger (Triton kernels)", _load_liger) if triton_ok else None
+    liger_slsm, liger_grpo = liger or (None, None)
     if triton_ok:
         from ..kernels import fused_loss as fused_kernels
         from ..kernels import logprobs as kernels
@@ -151,10 +151,10 @@ def run(bench: Bench) -> None:
     if liger_grpo is not None:
         xl = torch.cat([logits, logits[:, :1]], dim=1).requires_grad_(True)
 
-        def liger_step():
-            loss = liger_grpo(xl, old, ref_logp, labels, adv, mask, temperature=GRPO["temperature"],
-                              beta=GRPO["kl_coef"], eps_low=GRPO["clip_low"], eps_high=GRPO["clip_high"],
-                              inplace=True)[0]
+        def liger_step():  # loss_type="grpo": per-sequence token mean, then the batch mean (= seq-mean-token-mean)
+            loss, _ = liger_grpo(xl, old, ref_logp, labels, adv, mask, temperature=GRPO["temperature"],
+                                 beta=GRPO["kl_coef"], eps_low=GRPO["clip_low"], eps_high=GRPO["clip_high"],
+                                 inplace=True, loss_type="grpo", reduce=True)
             return torch.autograd.grad(loss, xl)
 
         bench.measure(op, "liger (inplace)", shape, dname, liger_step, bytes_moved=loss_bytes)
