@@ -33,7 +33,6 @@ import time
 _T0 = time.monotonic()  # the budget counts from here: imports and CUDA init are part of it
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import csv  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
@@ -155,17 +154,34 @@ class Abort(Exception):
     """The CUDA context is broken (a sticky error): no later launch can succeed."""
 
 
-@contextlib.contextmanager
-def patched(*triples):
-    """Set ``module.name = value`` for each triple, restore on exit."""
-    saved = [(m, n, getattr(m, n)) for m, n, _ in triples]
-    for m, n, v in triples:
-        setattr(m, n, v)
-    try:
-        yield
-    finally:
-        for m, n, v in saved:
-            setattr(m, n, v)
+class patched:
+    """Install ``module.name = fn`` for each triple while active, counting calls: a config function the launchers
+    stopped looking up (renamed, cached, imported by value) fails the candidate instead of re-timing the default."""
+
+    def __init__(self, *triples):
+        self.triples, self.calls, self.saved = triples, {}, []
+
+    def __enter__(self):
+        for module, name, fn in self.triples:
+            self.saved.append((module, name, getattr(module, name)))
+            setattr(module, name, self._counted(f"{module.__name__}.{name}", fn))
+        return self
+
+    def __exit__(self, *exc):
+        for module, name, fn in reversed(self.saved):
+            setattr(module, name, fn)
+
+    def _counted(self, key, fn):
+        self.calls[key] = 0
+
+        def wrapper(*args, **kwargs):
+            self.calls[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    def unused(self) -> list:
+        return [key for key, count in self.calls.items() if count == 0]
 
 
 def _short(exc: BaseException) -> str:
@@ -341,9 +357,11 @@ class Tuner:
                 continue
             t0 = time.monotonic()
             try:
-                with apply(over):
+                with apply(over) as patch:
                     out = run()
                     self.sync()
+                    if patch.unused():
+                        raise RuntimeError(f"{patch.unused()} never called: the config did not reach the kernels")
                     if ref is None and not over:
                         ref, good, note = out, True, "reference for the others"
                     elif ref is None:
