@@ -6,6 +6,8 @@
 # Through the device tool: first run `bash benchmarks/fetch_gpu_wheels.sh` here (the peer baselines Liger-Kernel and
 # TRL as wheels in .whl/, which git ignores; that machine has no registry), then call `run` with
 #   carry: [".whl"]   command: OUT=$OUT bash benchmarks/gpu_check.sh   timeout_s: 420
+# or, to also time the launch-config candidates of benchmarks/tune_gpu.py (about 3 more minutes):
+#   carry: [".whl"]   command: GPU_CHECK_TUNE=1 OUT=$OUT bash benchmarks/gpu_check.sh   timeout_s: 600
 # Without .whl/ the peers are missing from the tables (each family says so), nothing else changes.
 #
 # Leaves in $OUT three files: summary.md (versions, the GPU, the GPU test result, every family's table, the peers
@@ -13,12 +15,14 @@
 # CSV, markdown and PNG plots, every step's log). The steps write into $WORK. Each step is its own process under its
 # own time limit, all of them inside one budget, so a slow step (a long compile, say) cannot cost the others their
 # numbers, and a failed step never stops the run. Exit code 0 when every step passed, else 1 (143 after a TERM).
-# Switches: GPU_CHECK_BUDGET_S (default 300: seconds for the whole run), GPU_CHECK_QUICK=1 (benchmarks in --quick
+# Switches: GPU_CHECK_BUDGET_S (default 300, plus 180 with GPU_CHECK_TUNE=1: seconds for the whole run),
+# GPU_CHECK_TUNE=1 (run benchmarks/tune_gpu.py last, its table in summary.md), GPU_CHECK_QUICK=1 (benchmarks in --quick
 # mode: a bookkeeping check on a CPU machine), GPU_CHECK_BUILD=0 (no pip install -e: the source tree is imported),
 # GPU_CHECK_WHEELS (default .whl), GPU_CHECK_WORK (default: a new temp dir).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
-BUDGET=${GPU_CHECK_BUDGET_S:-300}
+TUNE=${GPU_CHECK_TUNE:-0}
+BUDGET=${GPU_CHECK_BUDGET_S:-$((TUNE == 1 ? 480 : 300))}
 RESERVE=10  # seconds kept for the summary and the tarball
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
@@ -42,7 +46,8 @@ step() {  # step NAME LIMIT CMD...: CMD under `timeout` (capped by what is left 
   fi
   t0=$SECONDS
   # In the background with `wait`, so that a TERM to this script is handled at once, not when the step ends.
-  timeout -k 5 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1 &
+  # STEP_SIGNAL=INT for pytest: on SIGINT it still prints the failures so far (on TERM it prints nothing).
+  timeout -s "${STEP_SIGNAL:-TERM}" -k 10 "$limit" "$@" > "$WORK/logs/$name.log" 2>&1 &
   CHILD=$! CURRENT=$name
   wait "$CHILD"
   rc=$?
@@ -75,6 +80,11 @@ finish() {  # summary.md, gpu_tests.log and results.tar.gz in $OUT; runs on exit
     echo '```'
     tail -15 "$WORK/logs/gpu_tests.log" 2>/dev/null
     echo '```'
+    if [[ -f $WORK/tune_gpu/tune_gpu.md ]]; then
+      echo
+      echo "## tune_gpu"
+      sed -e '1d' -e 's/^## /### /' "$WORK/tune_gpu/tune_gpu.md"
+    fi
     for log in "$WORK"/logs/*.log; do  # the end of every step that failed (benchmark families below)
       name=$(basename "$log" .log)
       [[ $name == bench_* || $name == gpu_tests ]] && continue
@@ -154,7 +164,13 @@ cat "$WORK/versions.txt"
 if [[ ${GPU_CHECK_BUILD:-1} != 0 ]]; then
   step build 120 "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi
-step gpu_tests 90 "$PY" -m pytest -q -m gpu tests
+# Only the kernel test files (a collection error in a trainer module must not cost the kernel tests), the
+# slowest to compile (linear) last, so a time-out still leaves the others' results.
+STEP_SIGNAL=INT
+step gpu_tests 150 "$PY" -m pytest -q -rfE --durations=15 -p no:cacheprovider -m gpu \
+  tests/test_kernels_advantages.py tests/test_kernels_losses.py tests/test_kernels_logprobs.py \
+  tests/test_kernels_fused_loss.py tests/test_kernels_linear.py
+STEP_SIGNAL=TERM
 tail -3 "$WORK/logs/gpu_tests.log"
 quick=()
 [[ ${GPU_CHECK_QUICK:-0} == 1 ]] && quick=(--quick)
@@ -163,3 +179,6 @@ for family_limit in "${FAMILIES[@]}"; do
   step "bench_$family" "${family_limit##*:}" "$PY" benchmarks/run.py "${quick[@]}" --only "$family" \
     --out "$WORK/bench_$family"
 done
+if [[ $TUNE == 1 ]]; then  # last: the issues' benchmarks above come first
+  step tune_gpu 180 "$PY" benchmarks/tune_gpu.py "${quick[@]}" --budget-s 150 --out "$WORK/tune_gpu"
+fi

@@ -133,7 +133,11 @@ def run(bench: Bench) -> None:
     adv = torch.randn(b, device=device)
     mask = torch.ones(b, t, device=device, dtype=torch.int64)
     mask[:, t - t // 8:] = 0  # some padding at the end of every sequence
-    x = logits.clone().requires_grad_(True)  # inplace providers overwrite it with gradients: timing is unaffected
+    x = logits.clone().requires_grad_(True)
+    # Ours in place needs non-leaf logits, as an lm_head output is (a leaf takes the out-of-place path). Providers
+    # that write the gradient in place leave gradients where the logits were; timing is unaffected, since with
+    # kl_coef != 0 every valid token has a non-zero gradient and no row is skipped.
+    x_out = x.detach().clone().requires_grad_(True).clone()
     adv_tok = adv.unsqueeze(-1).expand(b, t)
 
     def reference_step():
@@ -162,15 +166,15 @@ def run(bench: Bench) -> None:
     if triton_ok:
         for inplace in (True, False):
             def ours_step(inplace=inplace):
-                loss, _ = ops.fused_ppo_loss(x, labels, old, adv, mask, ref_logp=ref_logp, inplace_grad=inplace,
-                                             **GRPO)
-                return torch.autograd.grad(loss, x)
+                loss, _ = ops.fused_ppo_loss(x_out, labels, old, adv, mask, ref_logp=ref_logp,
+                                             inplace_grad=inplace, **GRPO)
+                return torch.autograd.grad(loss, x_out)
 
             bench.measure(op, f"rlhf_fast ops (inplace={inplace})", shape, dname, ours_step, bytes_moved=loss_bytes)
 
         def kernel_step():
-            loss, _ = fused_kernels.fused_ppo_loss(x, labels, old, adv_tok, mask, ref_logp=ref_logp,
+            loss, _ = fused_kernels.fused_ppo_loss(x_out, labels, old, adv_tok, mask, ref_logp=ref_logp,
                                                    inplace_grad=True, **GRPO)
-            return torch.autograd.grad(loss, x)
+            return torch.autograd.grad(loss, x_out)
 
         bench.measure(op, "rlhf_fast kernel (inplace)", shape, dname, kernel_step, bytes_moved=loss_bytes)
