@@ -102,6 +102,13 @@ LIN_STEP_GRID = [
     ("block_k=64 stages=3", dict(block_k=64, num_stages=3)),
     ("mm_block_k=128 mm_stages=2", dict(mm_block_k=128, mm_num_stages=2)),
     ("chunk_v=4096", dict(chunk_v=4096)),
+    # The logit-gradient kernel's own tile (LinearConfig.grad_*; it defaults to the forward's) and the matmuls'
+    # own warps (mm_num_warps). sm_90 compile here: grad 64x128 with 4 warps and 128x128x64 with 8 warps / 3
+    # stages do not spill; grad 128x128 with 4 warps spills 640 B and the 128x128 matmuls with 4 warps 0.9-1.6 KB,
+    # so the matmuls keep 8 warps when the logit tile drops to 4.
+    ("grad 64x128 warps=4", dict(grad_block_n=64, grad_num_warps=4)),
+    ("grad block_k=64 stages=3", dict(grad_block_k=64, grad_num_stages=3)),
+    ("logit 64x128 warps=4, mm warps=8", dict(block_n=64, num_warps=4, mm_num_warps=8)),
 ]
 # logits kernels: one program per row, bandwidth-bound. Their loads feed no tl.dot, so Triton does not pipeline
 # them (no shared memory at any num_stages: num_stages is left alone); what matters is the bytes in flight per
@@ -142,8 +149,11 @@ QUICK_GRIDS = {
 # winning tile shapes (256x128, 128x256) must not merge into a 256x256 tile, and num_warps belongs to both
 # linear tiles: 4 warps on the 128x256 matmul tile spill 2.8 KB per thread (sm_90 compile).
 GROUPS = {**dict.fromkeys(("block_n", "block_v", "block_k", "num_stages"), ("logit tile",)),
-          **dict.fromkeys(("mm_block_m", "mm_block_n", "mm_block_k", "mm_num_stages"), ("matmul tile",)),
-          "num_warps": ("logit tile", "matmul tile")}
+          **dict.fromkeys(("mm_block_m", "mm_block_n", "mm_block_k", "mm_num_stages", "mm_num_warps"),
+                          ("matmul tile",)),
+          **dict.fromkeys(("grad_block_n", "grad_block_v", "grad_block_k", "grad_num_warps", "grad_num_stages"),
+                          ("gradient tile",)),
+          "num_warps": ("logit tile", "matmul tile", "gradient tile")}
 
 
 def _groups(over: dict) -> set:
@@ -540,7 +550,11 @@ def tune_linear(t: Tuner):
 
     grid = list(QUICK_GRIDS[K_LIN_STEP] if t.quick else LIN_STEP_GRID)
     if not t.quick and best_fwd is not None and best_fwd.over and best_fwd.speedup_vs_default > 1.01:
-        grid.insert(1, (f"fwd winner: {best_fwd.config}", best_fwd.over))
+        # The matmuls keep their warps: the forward winner's num_warps is for the logit tile (4 warps spill there).
+        over = dict(best_fwd.over)
+        if "num_warps" in over:
+            over.setdefault("mm_num_warps", base.num_warps)
+        grid.insert(1, (f"fwd winner: {best_fwd.config}", over))
     t.sweep(K_LIN_STEP, grid, step, apply, describe, floor_ms=floor, work=flops, unit="TFLOP/s", end=end,
             combine=True)
 

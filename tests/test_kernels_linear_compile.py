@@ -29,7 +29,8 @@ SCRIPT = """
         cfg = L.kernel_config(4096, 151936, dtype, torch.device("cuda"))
         prec = L._dot_precision(dtype)
         tile = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        mm = dict(num_warps=cfg.num_warps, num_stages=cfg.mm_num_stages)
+        mm = dict(num_warps=cfg.mm_warps, num_stages=cfg.mm_num_stages)
+        g_bn, g_bv, g_bk, g_warps, g_stages = cfg.grad_tile
         blocks = dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, DOT_PREC=prec)
         compile_one(L._lse_partials_kernel, {"h_ptr": ty, "w_ptr": ty, "b_ptr": ty, "lab_ptr": "*i64",
                                              "part_ptr": "*fp32", "plane": "i64"},
@@ -37,7 +38,8 @@ SCRIPT = """
         compile_one(L._grad_logits_kernel, {"h_ptr": ty, "w_ptr": ty, "b_ptr": ty, "lab_ptr": "*i32",
                                             "lse_ptr": "*fp32", "ent_ptr": "*fp32", "glp_ptr": "*fp32",
                                             "gent_ptr": "*fp32", "g_ptr": ty, "dbias_ptr": "*fp32"},
-                    dict(TEMP=0.7, HAS_BIAS=True, HAS_GLP=True, HAS_GENT=True, WRITE_DBIAS=True, **blocks), **tile)
+                    dict(TEMP=0.7, HAS_BIAS=True, HAS_GLP=True, HAS_GENT=True, WRITE_DBIAS=True, BLOCK_N=g_bn,
+                         BLOCK_V=g_bv, BLOCK_K=g_bk, DOT_PREC=prec), num_warps=g_warps, num_stages=g_stages)
         mm_blocks = dict(BLOCK_M=cfg.mm_block_m, BLOCK_H=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k, DOT_PREC=prec)
         compile_one(L._dhidden_kernel, {"g_ptr": ty, "w_ptr": ty, "dh_ptr": "*fp32"},
                     dict(ACCUMULATE=True, **mm_blocks), **mm)

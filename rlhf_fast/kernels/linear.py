@@ -54,13 +54,31 @@ class LinearConfig:
     block_v: int  # vocabulary columns per logit tile
     block_k: int  # slice of H per tl.dot
     tiles_per_split: int  # logit tiles per forward program (vocabulary split width = block_v * tiles_per_split)
-    chunk_v: int  # vocabulary columns per backward chunk (multiple of block_v)
+    chunk_v: int  # vocabulary columns per backward chunk (a multiple of the gradient tile's block_v: full tiles)
     mm_block_m: int  # output rows per program of the d_hidden / d_weight matmuls
     mm_block_n: int  # output columns (H) per program of the d_hidden / d_weight matmuls
     mm_block_k: int  # reduction slice of the d_hidden / d_weight matmuls
     num_warps: int = 4
     num_stages: int = 1  # logit-tile kernels (forward, logit gradient)
     mm_num_stages: int = 1  # d_hidden / d_weight matmuls
+    # Optional separate settings (None: as above). The matmuls' warps; the logit-gradient kernel's tile, whose
+    # epilogue is lighter than the forward's online softmax (fewer registers), so it may want another shape.
+    mm_num_warps: Optional[int] = None
+    grad_block_n: Optional[int] = None
+    grad_block_v: Optional[int] = None
+    grad_block_k: Optional[int] = None
+    grad_num_warps: Optional[int] = None
+    grad_num_stages: Optional[int] = None
+
+    @property
+    def mm_warps(self) -> int:
+        return self.mm_num_warps or self.num_warps
+
+    @property
+    def grad_tile(self) -> tuple[int, int, int, int, int]:
+        """(block_n, block_v, block_k, num_warps, num_stages) of the logit-gradient kernel."""
+        return (self.grad_block_n or self.block_n, self.grad_block_v or self.block_v, self.grad_block_k or self.block_k,
+                self.grad_num_warps or self.num_warps, self.grad_num_stages or self.num_stages)
 
 
 def _interpreting() -> bool:
@@ -369,28 +387,28 @@ def _backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entrop
     dweight_gemm = dweight_gemm_choice()
     glp = grad_logp.float().contiguous() if grad_logp is not None else lse
     gent = grad_entropy.float().contiguous() if grad_entropy is not None else lse
-    chunk = min(cfg.chunk_v, triton.cdiv(v, cfg.block_v) * cfg.block_v)
+    g_bn, g_bv, g_bk, g_warps, g_stages = cfg.grad_tile
+    chunk = min(cfg.chunk_v, triton.cdiv(v, g_bv) * g_bv)
     dz = torch.empty(n, chunk, device=dev, dtype=hidden.dtype)
-    token_blocks = triton.cdiv(n, cfg.block_n)
+    token_blocks = triton.cdiv(n, g_bn)
     dbias_part = torch.empty(token_blocks, chunk, device=dev, dtype=torch.float32) if need_bias else None
     for v_start in range(0, v, chunk):
         width = min(chunk, v - v_start)
         w_chunk = weight[v_start : v_start + width]
         b_chunk = bias[v_start : v_start + width] if bias is not None else hidden
-        _grad_logits_kernel[(token_blocks, triton.cdiv(width, cfg.block_v))](
+        _grad_logits_kernel[(token_blocks, triton.cdiv(width, g_bv))](
             hidden, w_chunk, b_chunk, labels, lse, entropy, glp, gent, dz,
             dbias_part if need_bias else dz, n, h, v_start, width, hidden.stride(0), weight.stride(0),
             dz.stride(0),
             TEMP=float(temperature), HAS_BIAS=bias is not None, HAS_GLP=grad_logp is not None,
-            HAS_GENT=grad_entropy is not None, WRITE_DBIAS=need_bias, BLOCK_N=cfg.block_n,
-            BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, DOT_PREC=prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            HAS_GENT=grad_entropy is not None, WRITE_DBIAS=need_bias, BLOCK_N=g_bn,
+            BLOCK_V=g_bv, BLOCK_K=g_bk, DOT_PREC=prec, num_warps=g_warps, num_stages=g_stages,
         )
         if need_hidden:
             _dhidden_kernel[(triton.cdiv(n, cfg.mm_block_m), triton.cdiv(h, cfg.mm_block_n))](
                 dz, w_chunk, d_hidden, n, h, width, dz.stride(0), weight.stride(0), d_hidden.stride(0),
                 ACCUMULATE=v_start > 0, BLOCK_M=cfg.mm_block_m, BLOCK_H=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k,
-                DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.mm_num_stages,
+                DOT_PREC=prec, num_warps=cfg.mm_warps, num_stages=cfg.mm_num_stages,
             )
         if need_weight and dweight_gemm == "torch":
             torch.mm(dz[:, :width].t(), hidden, out=d_weight[v_start : v_start + width])
@@ -398,7 +416,7 @@ def _backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entrop
             _dweight_kernel[(triton.cdiv(width, cfg.mm_block_m), triton.cdiv(h, cfg.mm_block_n))](
                 dz, hidden, d_weight[v_start : v_start + width], n, h, width, dz.stride(0), hidden.stride(0),
                 d_weight.stride(0), BLOCK_M=cfg.mm_block_m, BLOCK_H=cfg.mm_block_n, BLOCK_K=cfg.mm_block_k,
-                DOT_PREC=prec, num_warps=cfg.num_warps, num_stages=cfg.mm_num_stages,
+                DOT_PREC=prec, num_warps=cfg.mm_warps, num_stages=cfg.mm_num_stages,
             )
         if need_bias:
             # Sum over token blocks: a fixed-shape reduction, deterministic for a given N.
