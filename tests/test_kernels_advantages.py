@@ -219,6 +219,6 @@ def test_gpu_gae_batch_and_padding_invariant():
 @pytest.mark.gpu
 def test_gpu_whiten_realistic(tol):
     x, mask = _whiten_inputs((256, 4096), dtype=torch.bfloat16, seed=9)
-    first = _check_whiten(x, mask, tol(torch.bfloat16))
+    first = _check_whiten(x, mask, tol(torch.float32))  # fp32 math on the same bf16 values on both sides
     assert torch.equal(first, ops.masked_whiten(x, mask))
     _check_whiten(x.float(), mask, tol(torch.float32), shift_mean=False)

@@ -429,7 +429,9 @@ def test_gpu_bf16_realistic(inplace_grad, tol):
     kw = dict(FULL, agg="seq-mean-token-mean", ref_logp=batch["ref_logp"], is_weights=batch["is_weights"])
     got = run(ops.fused_ppo_loss, batch, 0.5, inplace_grad=inplace_grad, **kw)
     want = reference(batch, 0.5, **kw)
-    check(got, want, dtype=torch.bfloat16, grad_tol=tol(torch.bfloat16), loss_tol=(1e-4, 1e-4))
+    # Relative to the largest entry: the gradient is ~1e-2 at most here, so tol(bf16)'s atol would pass zeros.
+    grad_tol = (1e-3 * want[2].abs().max().item(), 1e-2)
+    check(got, want, dtype=torch.bfloat16, grad_tol=grad_tol, loss_tol=(1e-4, 1e-4))
 
 
 @pytest.mark.gpu
@@ -439,7 +441,7 @@ def test_gpu_odd_vocab_and_misaligned_slices_are_bitwise_invariant():
     batch = make_batch(rows=6, steps=8, vocab=32003, dtype=torch.bfloat16, seed=22, device="cuda")
     kw = dict(FULL, agg="token-sum", ref_logp=batch["ref_logp"])
     full = run(ops.fused_ppo_loss, batch, **kw)[2]
-    for r in (1, 3):
+    for r in (2, 3):  # row 1 is fully masked (make_batch): its gradient is zero either way
         part = {k: v[r:r + 1] for k, v in batch.items()}
         assert torch.equal(full[r:r + 1], run(ops.fused_ppo_loss, part, **dict(kw, ref_logp=part["ref_logp"]))[2])
     logits, labels = batch["logits"].view(-1, 32003), batch["labels"].view(-1)
