@@ -102,21 +102,22 @@ def check_number(
     return value
 
 
-def check_count(name: str, value) -> None:
+def check_count(name: str, value) -> Optional[float]:
     """num_tokens / num_seqs / loss_scale overrides: None, or a positive finite number or one-element tensor.
 
-    A tensor is read once (a device sync): overrides come from an all-reduce, and a zero or nan there would
-    otherwise turn into a silently wrong loss.
+    Returns the value as a Python float (None stays None), for the ops to pass on. A tensor is read here, once
+    (a device sync): overrides come from an all-reduce, and a zero or nan there would otherwise turn into a
+    silently wrong loss; the float spares the kernels a second read.
     """
     if value is None:
-        return
+        return None
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name}: expected a number or a one-element tensor, got shape {tuple(value.shape)}")
         if value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"{name}: expected a real-valued tensor, got {value.dtype}")
         value = value.item()
-    check_number(name, value, greater_than=0)
+    return check_number(name, value, greater_than=0)
 
 
 def _names(dtypes) -> str:

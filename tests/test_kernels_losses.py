@@ -6,6 +6,7 @@ random upstream gradient. bf16 and realistic sizes run only on the GPU (marked `
 """
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rlhf_fast import ops
 from rlhf_fast.reference.losses import AGG_MODES
@@ -350,6 +351,90 @@ def test_double_backward_raises(backend):
         torch.autograd.grad(kl.sum(), (x, r), create_graph=True)
     (g,) = torch.autograd.grad(ops.ppo_policy_loss(x, old, adv, mask)[0], x)  # first order still works
     assert g.shape == x.shape and not g.requires_grad
+
+
+# ---- host work: three Triton launches and no other device work --------------------------------------------------
+
+
+class _RecordAten(TorchDispatchMode):
+    """Records every aten op that reaches the dispatcher, except while ``paused`` (inside a Triton launch: under
+    the interpreter the launcher copies tensor arguments with aten ops, which a GPU launch does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.paused = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def count_launches(monkeypatch):
+    """Wraps ``run`` of Triton's kernel class (JITFunction, or InterpretedFunction under the interpreter), so every
+    Triton launch anywhere is counted by name; ``record`` pauses during launches."""
+    from rlhf_fast.kernels import losses as kernels
+
+    launches, state = [], {"record": None}
+    kernel_cls = type(kernels._finalize_kernel)
+    run = kernel_cls.run
+
+    def counted(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        rec = state["record"]
+        if rec is not None:
+            rec.paused = True
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            if rec is not None:
+                rec.paused = False
+
+    monkeypatch.setattr(kernel_cls, "run", counted)
+    return launches, state
+
+
+# Ops that allocate or alias memory without touching data; anything else would be device work besides the kernels.
+_ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_strided.default"}
+
+
+@pytest.mark.parametrize("which", ["policy", "value"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("override", [None, "number", "tensor"])
+def test_losses_forward_backward_are_three_launches_and_no_aten_compute(backend, count_launches, which, agg, override):
+    launches, state = count_launches
+    backend("triton")
+    if which == "policy":
+        logp, old, adv, mask, isw = _policy_inputs(rows=5, steps=37, per_seq=True, isw=True, seed=31)
+        op = lambda x, **kw: ops.ppo_policy_loss(x, old, adv, mask, is_weights=isw, dual_clip=2.0, **kw)  # noqa: E731
+    else:
+        logp, old, adv, mask = _value_inputs(rows=5, steps=37, seed=32)
+        op = lambda x, **kw: ops.ppo_value_loss(x, old, adv, mask, clip=0.2, **kw)  # noqa: E731
+    name = "num_tokens" if agg == "token-mean" else "num_seqs"
+    counts = {} if override is None else {name: 7 if override == "number" else torch.tensor(7.0, device=DEVICE)}
+    x = logp.detach().clone().requires_grad_(True)
+    upstream = torch.tensor(0.7, device=DEVICE)
+    launches.clear()
+    with _RecordAten() as rec:
+        state["record"] = rec
+        loss, stats = op(x, agg=agg, **counts)
+        (grad,) = torch.autograd.grad(loss, x, upstream)
+    state["record"] = None
+    compute = [str(f) for f in rec.ops if not f.is_view and str(f) not in _ALLOCATIONS]
+    # The one device read left is validation's of a tensor override (it must be checked positive and finite).
+    expected = ["aten._local_scalar_dense.default"] if override == "tensor" else []
+    assert compute == expected, compute
+    assert len(launches) == 3, launches  # forward, finalize, backward
+    # And the numbers are still the reference's.
+    backend("torch")
+    y = logp.detach().clone().requires_grad_(True)
+    ref_loss, ref_stats = op(y, agg=agg, **counts)
+    (ref_grad,) = torch.autograd.grad(ref_loss, y, upstream)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)
+    for key in ref_stats:
+        torch.testing.assert_close(stats[key], ref_stats[key], atol=1e-5, rtol=1e-5)
 
 
 # ---- GPU: bf16 and realistic sizes ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Per-token loss weights: every aggregation mode as ``loss = sum(l * w)``.
 
-The weights depend only on the mask (and the count overrides), so the kernels compute them once, before the
-loss pass, and the backward is just ``dl * w * upstream``. Plain torch: it is a handful of small reductions.
+The weights depend only on the mask (and the count overrides), so the fused loss from logits computes them once,
+before its loss pass, and its backward is just ``dl * w * upstream``. Plain torch: it is a handful of small
+reductions. (The PPO loss kernels of ``losses.py`` do not use it: their finalize kernel applies the mode.)
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import torch
 from ..reference.losses import AGG_MODES
 
 
-def _count(value, like: torch.Tensor) -> torch.Tensor:
+def _count(value, like: torch.Tensor):
     if isinstance(value, torch.Tensor):
         return value.to(device=like.device, dtype=torch.float32).reshape(())
-    return torch.tensor(float(value), device=like.device, dtype=torch.float32)
+    # A number divides as a Python scalar: a fresh device tensor would be a blocking host-to-device copy.
+    return float(value)
 
 
 def token_weights(mask: torch.Tensor, agg: str, *, num_tokens=None, num_seqs=None, loss_scale=None) -> torch.Tensor:

@@ -1,19 +1,24 @@
-"""Clipped PPO policy and value losses: one forward and one backward Triton kernel each.
+"""Clipped PPO policy and value losses: three Triton launches per forward + backward, no other device work.
 
 Layout: per-token tensors are ``[R, T]`` with any strides (``advantages`` may be an expanded view of per-sequence
 values, stride 0 along T: it is read through its strides, never copied).
 
-Every aggregation mode is ``loss = sum(l * w)`` with per-token weights ``w`` from
-``rlhf_fast.kernels._weights.token_weights`` (computed once from the mask and the count overrides). The forward
-kernel works on ``[BLOCK_R, BLOCK_T]`` tiles; each tile writes one partial sum per statistic, and a single-program
-finalize kernel adds the partials in a fixed order, so two calls give bitwise-equal losses and statistics. The
-tile shape depends on ``T`` only, and each token's loss and gradient depend only on that token, so per-token
-terms are batch invariant.
+1. The forward kernel works on ``[BLOCK_R, BLOCK_T]`` tiles. Each tile writes, for each of its rows, the masked sums
+   ``sum(l)`` and ``sum(m)`` over its columns (the row partials), one partial sum per statistic, and, when a
+   gradient is needed, the unweighted per-token factor ``dl/dx * m`` (times ``is_weights``).
+2. A single-program finalize kernel adds the partials in a fixed order, applies the ``agg`` mode and writes the
+   loss, the statistics and each row's gradient factor ``f_r`` (``loss = sum_r f_r * sum_t l * m``; one value
+   for every row except in ``seq-mean-token-mean``).
+3. The backward kernel writes ``dl/dx * m * f_r * upstream``, reading the upstream gradient on the device.
 
-The forward also writes ``dl/dx * w`` (times ``is_weights``) for each token when a gradient is needed; the
-backward kernel multiplies it by the upstream gradient. Masked positions are excluded with a select, not a
-multiply, so non-finite values under the mask never leak into the loss, the statistics or the gradient (the
-reference would give nan there).
+So two calls give bitwise-equal losses and statistics, and since the tile shape depends on ``T`` only and each
+token's loss and factor depend only on that token, the stored per-token factors are batch invariant. Count
+overrides arrive as Python floats (``rlhf_fast.ops`` reads tensor overrides once, while validating): nothing
+here syncs. Masked positions are excluded with a select, not a multiply, so non-finite values under the mask
+never leak into the loss, the statistics or the gradient (the reference would give nan there).
+
+Float32 workspace of one call (``G`` column tiles, ``P`` programs, ``S`` statistics):
+``[f: R] [row loss sums: R * G] [row token counts: R * G] [statistic partials: S * P]``.
 """
 from __future__ import annotations
 
@@ -23,17 +28,26 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.losses import AGG_MODES
 from ._autograd import first_order_only
 from ._ppo_math import kl_token, policy_token_loss
-from ._weights import token_weights
 
-TILE = 1024  # tokens per program
-NSTAT = 8  # partial-sum slots per program (padded to a power of two)
-FINAL_BLOCK = 256
+TILE = 1024  # tokens per program (forward and backward), and row partials per finalize step
+STAT_BLOCK = 256  # statistic partials per finalize step
 
-# Partial-sum slots.
-_LOSS, _COUNT, _CLIP, _KL, _RATIO, _DUAL = 0, 1, 2, 3, 4, 5  # policy
-_VCLIP, _VALUE = 2, 3  # value (loss and count as above)
+# agg modes as the finalize kernel's AGG constexpr.
+TOKEN_MEAN = tl.constexpr(0)
+TOKEN_SUM = tl.constexpr(1)
+SEQ_SUM = tl.constexpr(2)
+SEQ_MEAN = tl.constexpr(3)
+SEQ_SUM_NORM = tl.constexpr(4)
+AGG_CODES = {"token-mean": 0, "token-sum": 1, "seq-mean-token-sum": 2, "seq-mean-token-mean": 3,
+             "seq-mean-token-sum-norm": 4}
+assert set(AGG_CODES) == set(AGG_MODES)
+
+# Statistic slots, in the order the outputs come back after the loss.
+POLICY_STATS = 4  # clip_frac, approx_kl, ratio_mean, dual_clip_frac
+VALUE_STATS = 2  # clip_frac, value_mean
 
 
 @triton.jit
@@ -50,16 +64,39 @@ def _load(ptr, rows, cols, stride_r, stride_t, inside):
 
 
 @triton.jit
+def _store_row_partials(work_ptr, R, rows, valid, loss):
+    """Row partials of this tile: the masked loss sum and the valid-token count of each row over its columns."""
+    n_cols = tl.num_programs(1)
+    r64 = tl.cast(R, tl.int64)
+    at = rows * n_cols + tl.program_id(1)
+    tl.store(work_ptr + r64 + at, tl.sum(tl.where(valid, loss, 0.0), axis=1), mask=rows < R)
+    tl.store(work_ptr + r64 + r64 * n_cols + at, tl.sum(tl.where(valid, 1.0, 0.0), axis=1), mask=rows < R)
+
+
+@triton.jit
+def _stat_partials_ptr(work_ptr, R):
+    """Where slot 0 of this program's statistic partials goes; slot k is ``P`` entries further."""
+    n_cols = tl.num_programs(1)
+    r64 = tl.cast(R, tl.int64)
+    pid = tl.program_id(0).to(tl.int64) * n_cols + tl.program_id(1)
+    return work_ptr + r64 + 2 * r64 * n_cols + pid
+
+
+@triton.jit
+def _masked_sum(x, valid):
+    return tl.sum(tl.sum(tl.where(valid, x, 0.0), axis=1), axis=0)
+
+
+@triton.jit
 def _policy_fwd_kernel(
     logp_ptr, s_lp_r, s_lp_t,
     old_ptr, s_old_r, s_old_t,
     adv_ptr, s_adv_r, s_adv_t,
     isw_ptr, s_isw_r, s_isw_t,
     mask_ptr, s_m_r, s_m_t,
-    w_ptr,  # float32 [R, T] contiguous
-    gfac_ptr,  # float32 [R, T] contiguous: dl/dlogp * w * is_weights
-    partial_ptr,  # float32 [NSTAT, P]
-    R, T, P, clip_low, clip_high, dual_clip,
+    gfac_ptr,  # float32 [R, T] contiguous: dl/dlogp * m * is_weights (unweighted by the agg mode)
+    work_ptr,  # float32 workspace (module docstring)
+    R, T, clip_low, clip_high, dual_clip,
     HAS_DUAL: tl.constexpr, HAS_ISW: tl.constexpr, STORE_GRAD: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
@@ -69,8 +106,6 @@ def _policy_fwd_kernel(
     old = _load(old_ptr, rows, cols, s_old_r, s_old_t, inside)
     adv = _load(adv_ptr, rows, cols, s_adv_r, s_adv_t, inside)
     m = _load(mask_ptr, rows, cols, s_m_r, s_m_t, inside)
-    flat = rows[:, None] * T + cols[None, :]
-    w = tl.load(w_ptr + flat, mask=inside, other=0.0)
     valid = inside & (m != 0.0)
 
     # Explicit fp32: Inductor passes Python floats as fp64, eager Triton as fp32.
@@ -81,17 +116,17 @@ def _policy_fwd_kernel(
         loss = loss * isw
         dloss = dloss * isw
     if STORE_GRAD:
-        tl.store(gfac_ptr + flat, tl.where(valid, dloss * w, 0.0), mask=inside)
+        tl.store(gfac_ptr + rows[:, None] * T + cols[None, :], tl.where(valid, dloss, 0.0), mask=inside)
     ratio = tl.exp(logp - old)
     kl, _ = kl_token(logp, old, 3)
 
-    pid = pid_r.to(tl.int64) * tl.num_programs(1) + pid_t
-    tl.store(partial_ptr + 0 * P + pid, tl.sum(tl.sum(tl.where(valid, loss * w, 0.0), axis=1), axis=0))
-    tl.store(partial_ptr + 1 * P + pid, tl.sum(tl.sum(tl.where(valid, m, 0.0), axis=1), axis=0))
-    tl.store(partial_ptr + 2 * P + pid, tl.sum(tl.sum(tl.where(valid, clipped * m, 0.0), axis=1), axis=0))
-    tl.store(partial_ptr + 3 * P + pid, tl.sum(tl.sum(tl.where(valid, kl * m, 0.0), axis=1), axis=0))
-    tl.store(partial_ptr + 4 * P + pid, tl.sum(tl.sum(tl.where(valid, ratio * m, 0.0), axis=1), axis=0))
-    tl.store(partial_ptr + 5 * P + pid, tl.sum(tl.sum(tl.where(valid, capped * m, 0.0), axis=1), axis=0))
+    _store_row_partials(work_ptr, R, rows, valid, loss)
+    stat = _stat_partials_ptr(work_ptr, R)
+    P = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(stat, _masked_sum(clipped, valid))
+    tl.store(stat + P, _masked_sum(kl, valid))
+    tl.store(stat + 2 * P, _masked_sum(ratio, valid))
+    tl.store(stat + 3 * P, _masked_sum(capped, valid))
 
 
 @triton.jit
@@ -100,8 +135,8 @@ def _value_fwd_kernel(
     old_ptr, s_old_r, s_old_t,
     ret_ptr, s_ret_r, s_ret_t,
     mask_ptr, s_m_r, s_m_t,
-    w_ptr, gfac_ptr, partial_ptr,
-    R, T, P, clip,
+    gfac_ptr, work_ptr,
+    R, T, clip,
     HAS_CLIP: tl.constexpr, STORE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid_r, pid_t = tl.program_id(0), tl.program_id(1)
@@ -109,8 +144,6 @@ def _value_fwd_kernel(
     v = _load(v_ptr, rows, cols, s_v_r, s_v_t, inside)
     ret = _load(ret_ptr, rows, cols, s_ret_r, s_ret_t, inside)
     m = _load(mask_ptr, rows, cols, s_m_r, s_m_t, inside)
-    flat = rows[:, None] * T + cols[None, :]
-    w = tl.load(w_ptr + flat, mask=inside, other=0.0)
     valid = inside & (m != 0.0)
 
     diff = v - ret
@@ -137,147 +170,233 @@ def _value_fwd_kernel(
         dloss = 0.5 * g_unclipped
         clipped = tl.zeros_like(loss)
     if STORE_GRAD:
-        tl.store(gfac_ptr + flat, tl.where(valid, dloss * w, 0.0), mask=inside)
+        tl.store(gfac_ptr + rows[:, None] * T + cols[None, :], tl.where(valid, dloss, 0.0), mask=inside)
 
-    pid = pid_r.to(tl.int64) * tl.num_programs(1) + pid_t
-    tl.store(partial_ptr + 0 * P + pid, tl.sum(tl.sum(tl.where(valid, loss * w, 0.0), axis=1), axis=0))
-    tl.store(partial_ptr + 1 * P + pid, tl.sum(tl.sum(tl.where(valid, m, 0.0), axis=1), axis=0))
-    tl.store(partial_ptr + 2 * P + pid, tl.sum(tl.sum(tl.where(valid, clipped * m, 0.0), axis=1), axis=0))
-    tl.store(partial_ptr + 3 * P + pid, tl.sum(tl.sum(tl.where(valid, v * m, 0.0), axis=1), axis=0))
+    _store_row_partials(work_ptr, R, rows, valid, loss)
+    stat = _stat_partials_ptr(work_ptr, R)
+    P = tl.num_programs(0) * tl.num_programs(1)
+    tl.store(stat, _masked_sum(clipped, valid))
+    tl.store(stat + P, _masked_sum(v, valid))
 
 
 @triton.jit
-def _finalize_kernel(partial_ptr, out_ptr, P, NSTAT: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: out[0] = sum of the loss partials; out[k] = sum_k / max(count, 1) for the statistics."""
+def _row_totals(work_ptr, r64, G, rows, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Loss sum and token count of ``rows`` from their row partials, added in a fixed order."""
+    loss = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
+    count = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        cols = g0 + tl.arange(0, BLOCK_G).to(tl.int64)
+        at = rows[:, None] * G + cols[None, :]
+        inside = (rows[:, None] < r64) & (cols[None, :] < G)
+        loss += tl.load(work_ptr + r64 + at, mask=inside, other=0.0)
+        count += tl.load(work_ptr + r64 + r64 * G + at, mask=inside, other=0.0)
+    return tl.sum(loss, axis=1), tl.sum(count, axis=1)
+
+
+@triton.jit
+def _finalize_kernel(
+    work_ptr,  # float32 workspace (module docstring); f_r is written into its first R entries
+    out_ptr,  # float32 [1 + NSTAT]: the loss, then the statistics (masked means)
+    R, G, P, num_tokens, num_seqs, loss_scale,  # overrides: 0 = count from the batch
+    AGG: tl.constexpr, NSTAT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    r64 = tl.cast(R, tl.int64)
+    # Per-row totals; every mode needs only these four sums over the rows.
+    loss_acc = tl.zeros((BLOCK_R,), tl.float32)
+    mean_acc = tl.zeros((BLOCK_R,), tl.float32)  # row means (a masked row's sum is 0, so is its mean)
+    token_acc = tl.zeros((BLOCK_R,), tl.float32)
+    seq_acc = tl.zeros((BLOCK_R,), tl.float32)  # rows with at least one valid token
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        row_loss, row_count = _row_totals(work_ptr, r64, G, rows, BLOCK_R, BLOCK_G)
+        loss_acc += row_loss
+        mean_acc += row_loss / tl.maximum(row_count, 1.0)
+        token_acc += row_count
+        seq_acc += tl.where(row_count > 0.0, 1.0, 0.0)
+    tokens = tl.sum(token_acc, axis=0)
+
+    # Statistics: masked means over every valid token.
     slots = tl.arange(0, NSTAT).to(tl.int64)
-    acc = tl.zeros((NSTAT, BLOCK), tl.float32)
-    for start in range(0, P, BLOCK):
-        idx = start + tl.arange(0, BLOCK).to(tl.int64)
-        acc += tl.load(partial_ptr + slots[:, None] * P + idx[None, :], mask=idx[None, :] < P, other=0.0)
-    sums = tl.sum(acc, axis=1)
-    count = tl.sum(tl.where(slots == 1, sums, 0.0), axis=0)
-    means = sums / tl.maximum(count, 1.0)
-    tl.store(out_ptr + slots, tl.where(slots == 0, sums, tl.where(slots == 1, count, means)))
+    stat_ptr = work_ptr + r64 + 2 * r64 * G
+    acc = tl.zeros((NSTAT, BLOCK_P), tl.float32)
+    for start in range(0, P, BLOCK_P):
+        idx = start + tl.arange(0, BLOCK_P).to(tl.int64)
+        acc += tl.load(stat_ptr + slots[:, None] * P + idx[None, :], mask=idx[None, :] < P, other=0.0)
+    tl.store(out_ptr + 1 + slots, tl.sum(acc, axis=1) / tl.maximum(tokens, 1.0))
+
+    # Explicit fp32 overrides (Inductor passes Python floats as fp64). A count the batch gives is at least 1.
+    n_tok = tl.cast(num_tokens, tl.float32)
+    n_seq = tl.cast(num_seqs, tl.float32)
+    if AGG == TOKEN_MEAN:
+        denom = tl.where(n_tok > 0.0, n_tok, tl.maximum(tokens, 1.0))
+        loss = tl.sum(loss_acc, axis=0) / denom
+    elif AGG == TOKEN_SUM:
+        denom = 1.0
+        loss = tl.sum(loss_acc, axis=0)
+    else:
+        denom = tl.where(n_seq > 0.0, n_seq, tl.maximum(tl.sum(seq_acc, axis=0), 1.0))
+        if AGG == SEQ_MEAN:
+            loss = tl.sum(mean_acc, axis=0) / denom
+        else:
+            loss = tl.sum(loss_acc, axis=0) / denom
+        if AGG == SEQ_SUM_NORM:
+            norm = tl.cast(loss_scale, tl.float32)
+            loss = loss / norm
+            denom = denom * norm
+    tl.store(out_ptr, loss)
+
+    # f_r: d loss / d (sum_t l * m of row r). Only seq-mean-token-mean differs per row: it recounts the row's
+    # tokens from the same partials in the same order (bitwise the count above).
+    scale = 1.0 / denom
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
+        if AGG == SEQ_MEAN:
+            _, row_count = _row_totals(work_ptr, r64, G, rows, BLOCK_R, BLOCK_G)
+            f = scale / tl.maximum(row_count, 1.0)
+        else:
+            f = tl.zeros((BLOCK_R,), tl.float32) + scale
+        tl.store(work_ptr + rows, f, mask=rows < r64)
+
+
+@triton.jit
+def _backward_kernel(
+    gfac_ptr,  # float32 [R, T] contiguous: dl/dx * m (* is_weights)
+    f_ptr,  # float32 [R]: the finalize kernel's row factors
+    g_ptr,  # the upstream gradient of the loss (0-d, any float dtype)
+    out_ptr,  # [R, T] contiguous, the input's dtype
+    R, T, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    rows, cols, inside = _tile(tl.program_id(0), tl.program_id(1), R, T, BLOCK_R, BLOCK_T)
+    g = tl.load(g_ptr).to(tl.float32)
+    f = tl.load(f_ptr + rows, mask=rows < R, other=0.0) * g
+    at = rows[:, None] * T + cols[None, :]
+    fac = tl.load(gfac_ptr + at, mask=inside, other=0.0)
+    tl.store(out_ptr + at, (fac * f[:, None]).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+# Plain-int helpers: triton.cdiv / next_power_of_2 are constexpr functions now, several times slower on the host.
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _tiles(R: int, T: int):
-    block_t = min(triton.next_power_of_2(max(T, 1)), TILE)
+    block_t = min(_next_pow2(T), TILE)
     block_r = max(1, TILE // block_t)
-    return block_r, block_t, triton.cdiv(R, block_r), triton.cdiv(T, block_t)
+    return block_r, block_t, _cdiv(R, block_r), _cdiv(T, block_t)
 
 
 def _strides(t: torch.Tensor):
     return (t, t.stride(0), t.stride(1))
 
 
-def _mask_view(mask: torch.Tensor) -> torch.Tensor:
-    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+def _count(value) -> float:
+    """An override as the finalize kernel takes it: 0.0 = count from the batch. ``rlhf_fast.ops`` passes floats;
+    a tensor from a direct caller is read here (one sync)."""
+    return 0.0 if value is None else float(value)
 
 
-def _finalize(partials: torch.Tensor, P: int) -> torch.Tensor:
-    out = torch.empty(NSTAT, dtype=torch.float32, device=partials.device)
-    _finalize_kernel[(1,)](partials, out, P, NSTAT=NSTAT, BLOCK=FINAL_BLOCK)
-    return out
+class _Call:
+    """One forward: tiles, the workspace and the gradient-factor buffer; ``finish`` runs the finalize kernel."""
 
-
-@triton.jit
-def _scale_kernel(gfac_ptr, g_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    """The shared backward: ``grad_x = (dl/dx * w) * upstream``, cast to the input's dtype."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    g = tl.load(g_ptr).to(tl.float32)
-    fac = tl.load(gfac_ptr + offs, mask=inside, other=0.0)
-    tl.store(out_ptr + offs, (fac * g).to(out_ptr.dtype.element_ty), mask=inside)
-
-
-def _backward(gfac: torch.Tensor, grad_loss: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(gfac.shape, dtype=dtype, device=gfac.device)
-    n = gfac.numel()
-    if n:
-        _scale_kernel[(triton.cdiv(n, TILE),)](gfac, grad_loss.reshape(1).to(torch.float32), out, n, BLOCK=TILE)
-    return out
-
-
-class _Reduction:
-    """What both loss Functions share: tiles, the per-program partial sums, the saved ``dl/dx * w`` factor."""
-
-    def __init__(self, ctx, x: torch.Tensor, weights: torch.Tensor):
+    def __init__(self, ctx, x: torch.Tensor, nstat: int):
         R, T = x.shape
         self.block_r, self.block_t, grid_r, grid_t = _tiles(R, T)
         self.grid = (grid_r, grid_t)
-        self.programs = grid_r * grid_t
+        self.nstat = nstat
         self.store_grad = ctx.needs_input_grad[0]
-        alloc = torch.empty if self.programs else torch.zeros
-        self.partials = alloc((NSTAT, max(self.programs, 1)), dtype=torch.float32, device=x.device)
-        # Without a gradient to store the kernel never writes gfac: any float32 [R, T] buffer will do.
-        self.gfac = torch.empty((R, T), dtype=torch.float32, device=x.device) if self.store_grad else weights
+        self.work = torch.empty(R + 2 * R * grid_t + nstat * grid_r * grid_t, dtype=torch.float32, device=x.device)
+        # Without a gradient to store the kernel never writes gfac: any float32 buffer will do.
+        self.gfac = torch.empty((R, T), dtype=torch.float32, device=x.device) if self.store_grad else self.work
 
-    def finish(self, ctx, x: torch.Tensor) -> torch.Tensor:
-        out = _finalize(self.partials, max(self.programs, 1))
+    def finish(self, ctx, x: torch.Tensor, agg: str, counts) -> tuple:
+        (R, T), (grid_r, grid_t) = x.shape, self.grid
+        num_tokens, num_seqs, loss_scale = counts
+        out = torch.empty(1 + self.nstat, dtype=torch.float32, device=x.device)
+        fin_g = min(_next_pow2(grid_t), TILE)
+        _finalize_kernel[(1,)](
+            self.work, out, R, grid_t, grid_r * grid_t, num_tokens, num_seqs,
+            loss_scale or float(max(T, 1)),
+            AGG=AGG_CODES[agg], NSTAT=self.nstat, BLOCK_R=TILE // fin_g, BLOCK_G=fin_g, BLOCK_P=STAT_BLOCK,
+        )
         if self.store_grad:
-            ctx.save_for_backward(self.gfac)
+            ctx.save_for_backward(self.gfac, self.work)
+            ctx.tiles = (self.block_r, self.block_t, self.grid)
+            ctx.dtype = x.dtype
         ctx.store_grad = self.store_grad
-        ctx.dtype = x.dtype
-        return out
+        ctx.set_materialize_grads(False)  # the statistics get no gradient: no zeros for them in the backward
+        outs = out.unbind(0)
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
 
 
 def _loss_backward(ctx, grad_loss, num_inputs: int):
     # Only the first input (logp or values) is differentiable; the others get None.
-    if not ctx.store_grad:
+    if not ctx.store_grad or grad_loss is None:
         return (None,) * num_inputs
-    (gfac,) = ctx.saved_tensors
-    return (_backward(gfac, grad_loss, ctx.dtype),) + (None,) * (num_inputs - 1)
+    gfac, work = ctx.saved_tensors
+    block_r, block_t, grid = ctx.tiles
+    R, T = gfac.shape
+    grad = torch.empty((R, T), dtype=ctx.dtype, device=gfac.device)
+    if grad.numel():
+        _backward_kernel[grid](gfac, work, grad_loss, grad, R, T, BLOCK_R=block_r, BLOCK_T=block_t)
+    return (grad,) + (None,) * (num_inputs - 1)
 
 
 class _PolicyLoss(torch.autograd.Function):
+    # The constants (old_logp, advantages, mask, is_weights) travel in a tuple: autograd does not track them,
+    # so the loss requires grad only through logp, with no detach.
     @staticmethod
-    def forward(ctx, logp, old_logp, advantages, mask, weights, is_weights, clip_low, clip_high, dual_clip):
-        red = _Reduction(ctx, logp, weights)
-        if red.programs:
+    def forward(ctx, logp, consts, agg, counts, clip_low, clip_high, dual_clip):
+        old_logp, advantages, mask, is_weights = consts
+        call = _Call(ctx, logp, POLICY_STATS)
+        if logp.numel():
             isw = is_weights if is_weights is not None else logp
-            _policy_fwd_kernel[red.grid](
-                *_strides(logp), *_strides(old_logp), *_strides(advantages), *_strides(isw),
-                *_strides(_mask_view(mask)), weights, red.gfac, red.partials, *logp.shape, red.programs,
-                float(clip_low), float(clip_high), float(dual_clip if dual_clip is not None else 0.0),
-                HAS_DUAL=dual_clip is not None, HAS_ISW=is_weights is not None, STORE_GRAD=red.store_grad,
-                BLOCK_R=red.block_r, BLOCK_T=red.block_t,
+            _policy_fwd_kernel[call.grid](
+                *_strides(logp), *_strides(old_logp), *_strides(advantages), *_strides(isw), *_strides(mask),
+                call.gfac, call.work, *logp.shape, clip_low, clip_high, dual_clip if dual_clip is not None else 0.0,
+                HAS_DUAL=dual_clip is not None, HAS_ISW=is_weights is not None, STORE_GRAD=call.store_grad,
+                BLOCK_R=call.block_r, BLOCK_T=call.block_t,
             )
-        out = red.finish(ctx, logp)
-        stats = (out[_CLIP], out[_KL], out[_RATIO], out[_DUAL])
-        ctx.mark_non_differentiable(*stats)
-        return (out[_LOSS], *stats)
+        return call.finish(ctx, logp, agg, counts)
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_loss, *_):
-        return _loss_backward(ctx, grad_loss, 9)
+        return _loss_backward(ctx, grad_loss, 7)
 
 
 class _ValueLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, old_values, returns, mask, weights, clip):
-        red = _Reduction(ctx, values, weights)
-        if red.programs:
-            _value_fwd_kernel[red.grid](
-                *_strides(values), *_strides(old_values), *_strides(returns), *_strides(_mask_view(mask)),
-                weights, red.gfac, red.partials, *values.shape, red.programs,
-                float(clip if clip is not None else 0.0),
-                HAS_CLIP=clip is not None, STORE_GRAD=red.store_grad, BLOCK_R=red.block_r, BLOCK_T=red.block_t,
+    def forward(ctx, values, consts, agg, counts, clip):
+        old_values, returns, mask = consts
+        call = _Call(ctx, values, VALUE_STATS)
+        if values.numel():
+            _value_fwd_kernel[call.grid](
+                *_strides(values), *_strides(old_values), *_strides(returns), *_strides(mask),
+                call.gfac, call.work, *values.shape, clip if clip is not None else 0.0,
+                HAS_CLIP=clip is not None, STORE_GRAD=call.store_grad, BLOCK_R=call.block_r, BLOCK_T=call.block_t,
             )
-        out = red.finish(ctx, values)
-        stats = (out[_VCLIP], out[_VALUE])
-        ctx.mark_non_differentiable(*stats)
-        return (out[_LOSS], *stats)
+        return call.finish(ctx, values, agg, counts)
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad_loss, *_):
-        return _loss_backward(ctx, grad_loss, 6)
+        return _loss_backward(ctx, grad_loss, 5)
 
 
 def _check_rows(name: str, t: torch.Tensor, shape) -> None:
     if t.dim() != 2 or tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)} ([R, T]), got {tuple(t.shape)}")
+
+
+def _check_agg(agg: str, num_tokens, num_seqs, loss_scale) -> tuple[float, float, float]:
+    if agg not in AGG_CODES:
+        raise ValueError(f"agg: expected one of {list(AGG_MODES)}, got {agg!r}")
+    return _count(num_tokens), _count(num_seqs), _count(loss_scale)
 
 
 def ppo_policy_loss(
@@ -298,12 +417,10 @@ def ppo_policy_loss(
     """Triton clipped PPO policy loss on ``[R, T]`` tensors (``advantages`` ``[R, T]`` or ``[R]``).
 
     Differentiable with respect to ``logp`` only (as docs/API.md specifies): ``old_logp``, ``advantages`` and
-    ``is_weights`` are treated as constants even if they require grad.
+    ``is_weights`` are treated as constants even if they require grad. Overrides are best passed as numbers
+    (``rlhf_fast.ops`` does): a tensor is read here, a device sync.
     """
     clip_high = clip_low if clip_high is None else clip_high
-    # Constants of the loss even if they require grad: the loss then requires grad only through ``logp``.
-    old_logp, advantages, mask = old_logp.detach(), advantages.detach(), mask.detach()
-    is_weights = None if is_weights is None else is_weights.detach()
     if logp.dim() != 2:
         raise ValueError(f"logp: expected a 2-d tensor [R, T], got shape {tuple(logp.shape)}")
     if advantages.dim() == 1:
@@ -311,9 +428,10 @@ def ppo_policy_loss(
     for name, t in (("old_logp", old_logp), ("advantages", advantages), ("mask", mask), ("is_weights", is_weights)):
         if t is not None:
             _check_rows(name, t, logp.shape)
-    weights = token_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale).contiguous()
+    counts = _check_agg(agg, num_tokens, num_seqs, loss_scale)
     loss, clip_frac, approx_kl, ratio_mean, dual_frac = _PolicyLoss.apply(
-        logp, old_logp, advantages, mask, weights, is_weights, clip_low, clip_high, dual_clip
+        logp, (old_logp, advantages, mask, is_weights), agg, counts, float(clip_low), float(clip_high),
+        None if dual_clip is None else float(dual_clip),
     )
     stats = {"clip_frac": clip_frac, "approx_kl": approx_kl, "ratio_mean": ratio_mean}
     if dual_clip is not None:
@@ -337,13 +455,14 @@ def ppo_value_loss(
 
     Differentiable with respect to ``values`` only; ``old_values`` and ``returns`` are constants.
     """
-    old_values, returns, mask = old_values.detach(), returns.detach(), mask.detach()
     if values.dim() != 2:
         raise ValueError(f"values: expected a 2-d tensor [R, T], got shape {tuple(values.shape)}")
     for name, t in (("old_values", old_values), ("returns", returns), ("mask", mask)):
         _check_rows(name, t, values.shape)
-    weights = token_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale).contiguous()
-    loss, clip_frac, value_mean = _ValueLoss.apply(values, old_values, returns, mask, weights, clip)
+    counts = _check_agg(agg, num_tokens, num_seqs, loss_scale)
+    loss, clip_frac, value_mean = _ValueLoss.apply(
+        values, (old_values, returns, mask), agg, counts, None if clip is None else float(clip)
+    )
     return loss, {"clip_frac": clip_frac, "value_mean": value_mean}
 
 

@@ -12,7 +12,9 @@ from ..reference.losses import AGG_MODES
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``[N]`` -> ``[1, N]`` (one sequence); ``[*, T]`` -> ``[prod(*), T]``."""
+    """``[N]`` -> ``[1, N]`` (one sequence); ``[*, T]`` -> ``[prod(*), T]``; ``[R, T]`` as it is (no view op)."""
+    if t.dim() == 2:
+        return t
     if t.dim() == 1:
         return t.unsqueeze(0)
     return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # explicit rows: -1 is ambiguous when T == 0
@@ -54,11 +56,12 @@ def check_clip_options(clip_low, clip_high, dual_clip) -> tuple[float, Optional[
     return clip_low, clip_high, dual_clip
 
 
-def check_agg_options(agg, num_tokens, num_seqs, loss_scale) -> None:
+def check_agg_options(agg, num_tokens, num_seqs, loss_scale) -> tuple[Optional[float], ...]:
+    """Checks ``agg`` and the overrides; returns ``(num_tokens, num_seqs, loss_scale)`` as floats or None (tensors
+    are read once, here), so that the kernels never read a tensor override again."""
     v.check_option("agg", agg, AGG_MODES)
-    v.check_count("num_tokens", num_tokens)
-    v.check_count("num_seqs", num_seqs)
-    v.check_count("loss_scale", loss_scale)
+    return (v.check_count("num_tokens", num_tokens), v.check_count("num_seqs", num_seqs),
+            v.check_count("loss_scale", loss_scale))
 
 
 def check_kl_entropy_options(ref_logp, kl_coef, kl_estimator, entropy_coef, shape, ref_name):

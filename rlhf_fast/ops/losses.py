@@ -2,7 +2,8 @@
 
 Each validates its input, brings per-token tensors to rows x time ``[R, T]`` (``[N]`` is one row; ``[*, T]``
 folds the leading dimensions into rows) and dispatches. The aggregation modes and the ``num_tokens`` /
-``num_seqs`` / ``loss_scale`` overrides are described in docs/API.md.
+``num_seqs`` / ``loss_scale`` overrides are described in docs/API.md; validation reads a tensor override once and
+passes it on as a Python float, so the kernels never sync on it.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def ppo_policy_loss(
     old, adv, m, w = _policy_inputs("logp", logp.shape, old_logp, advantages, mask, is_weights)
     v.check_same_device(dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, is_weights=is_weights))
     clip_low, clip_high, dual_clip = check_clip_options(clip_low, clip_high, dual_clip)
-    check_agg_options(agg, num_tokens, num_seqs, loss_scale)
+    num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
     impl = resolve("ppo_policy_loss", logp.device)
     return impl(
         as_rows(logp), old, adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
@@ -82,7 +83,7 @@ def ppo_value_loss(
     v.check_same_device(dict(values=values, old_values=old_values, returns=returns, mask=mask))
     if clip is not None:
         clip = v.check_number("clip", clip, at_least=0.0)
-    check_agg_options(agg, num_tokens, num_seqs, loss_scale)
+    num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
     impl = resolve("ppo_value_loss", values.device)
     return impl(
         as_rows(values), old, ret, m, clip=clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
@@ -126,7 +127,7 @@ def fused_ppo_loss(
                              ref_logp=ref_logp, is_weights=is_weights))
     temperature = v.check_number("temperature", temperature, greater_than=0.0)
     clip_low, clip_high, dual_clip = check_clip_options(clip_low, clip_high, dual_clip)
-    check_agg_options(agg, num_tokens, num_seqs, loss_scale)
+    num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad: expected a bool, got {type(inplace_grad).__name__}")
     rows, steps = old.shape
