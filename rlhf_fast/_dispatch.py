@@ -83,6 +83,23 @@ def resolve(name: str, device: torch.device) -> Callable:
 
         kernel = KERNELS.get(name)
         if kernel is not None:
-            return kernel
+            return on_device(kernel, device)
         _warn_missing_kernel(name)
     return getattr(reference, name)
+
+
+def on_device(kernel: Callable, device: torch.device) -> Callable:
+    """``kernel`` run with ``device`` as the current CUDA device when it is not already.
+
+    Triton launches on the current device: tensors on ``cuda:1`` while ``cuda:0`` is current would be read from
+    the wrong GPU (an illegal address). The autograd engine runs each backward on its tensors' device already.
+    """
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return kernel
+
+    @functools.wraps(kernel)
+    def guarded(*args, **kwargs):
+        with torch.cuda.device(device):
+            return kernel(*args, **kwargs)
+
+    return guarded

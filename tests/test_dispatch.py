@@ -42,3 +42,30 @@ def test_missing_kernel_falls_back_once_with_a_log(monkeypatch, caplog):
         assert _dispatch.resolve("an_op_without_kernel", torch.device("cpu"))() == "reference"
         _dispatch.resolve("an_op_without_kernel", torch.device("cpu"))
     assert sum("an_op_without_kernel" in r.message for r in caplog.records) == 1
+
+
+def test_kernels_run_with_their_tensors_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: a kernel for tensors on another GPU runs inside a device guard;
+    on the current device (or CPU) it is returned as it is, with no guard to pay for."""
+    import contextlib
+
+    from rlhf_fast._dispatch import on_device
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+
+    def kernel(x, *, scale):
+        return x * scale
+
+    assert on_device(kernel, torch.device("cpu")) is kernel
+    assert on_device(kernel, torch.device("cuda", 0)) is kernel
+    guarded = on_device(kernel, torch.device("cuda", 1))
+    assert guarded is not kernel and guarded(3, scale=2) == 6
+    assert entered == [torch.device("cuda", 1)]
