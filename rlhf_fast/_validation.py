@@ -13,6 +13,8 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LABEL_DTYPES = (torch.int64, torch.int32)
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def check_tensor(name: str, value) -> torch.Tensor:
@@ -117,7 +119,12 @@ def check_count(name: str, value) -> Optional[float]:
         if value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"{name}: expected a real-valued tensor, got {value.dtype}")
         value = value.item()
-    return check_number(name, value, greater_than=0)
+    value = check_number(name, value, greater_than=0)
+    # The kernels divide in float32: a count that rounds to 0 or inf there would be a silently wrong loss.
+    if not FLOAT32_TINY <= value <= FLOAT32_MAX:
+        raise ValueError(f"{name}: expected a value representable in float32 [{FLOAT32_TINY:.3g}, "
+                         f"{FLOAT32_MAX:.3g}], got {value}")
+    return value
 
 
 def _names(dtypes) -> str:

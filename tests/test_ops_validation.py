@@ -49,6 +49,8 @@ def call_fused(**changes):
         (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), dual_clip=0.5), ValueError, r"dual_clip: expected a value > 1.0, got 0.5"),
         (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), clip_low=-0.1), ValueError, r"clip_low: expected a value >= 0.0"),
         (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), num_tokens=0), ValueError, r"num_tokens: expected a value > 0"),
+        (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), num_tokens=1e-46), ValueError, r"num_tokens: expected a value representable in float32 .*got 1e-46"),
+        (lambda: ops.ppo_value_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), agg="seq-mean-token-sum", num_seqs=torch.tensor(1e39, dtype=torch.float64)), ValueError, r"num_seqs: expected a value representable in float32 .*got 1e\+39"),
         (lambda: ops.ppo_policy_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), is_weights=torch.ones(3)), ValueError, r"is_weights: expected shape \(2, 3\)"),
         (lambda: ops.ppo_value_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 2), torch.ones(2, 3)), ValueError, r"returns: expected shape \(2, 3\)"),
         (lambda: ops.ppo_value_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3), clip=-1), ValueError, r"clip: expected a value >= 0.0"),

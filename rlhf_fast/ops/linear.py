@@ -98,7 +98,7 @@ def fused_linear_ppo_loss(
                              ref_logp=ref_logp, is_weights=is_weights))
     temperature = v.check_number("temperature", temperature, greater_than=0.0)
     clip_low, clip_high, dual_clip = check_clip_options(clip_low, clip_high, dual_clip)
-    check_agg_options(agg, num_tokens, num_seqs, loss_scale)
+    num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
     rows, steps = old.shape
     impl = resolve("fused_linear_ppo_loss", hidden.device)
     return impl(
