@@ -109,6 +109,8 @@ LIN_STEP_GRID = [
     ("grad 64x128 warps=4", dict(grad_block_n=64, grad_num_warps=4)),
     ("grad block_k=64 stages=3", dict(grad_block_k=64, grad_num_stages=3)),
     ("logit 64x128 warps=4, mm warps=8", dict(block_n=64, num_warps=4, mm_num_warps=8)),
+    # The weight-gradient GEMM by torch.mm (cuBLAS) instead of the Triton kernel (RLHF_FAST_LINEAR_DWEIGHT).
+    ("d_weight by cuBLAS", dict(dweight="torch")),
 ]
 # logits kernels: one program per row, bandwidth-bound. Their loads feed no tl.dot, so Triton does not pipeline
 # them (no shared memory at any num_stages: num_stages is left alone); what matters is the bytes in flight per
@@ -139,7 +141,8 @@ SLS_GRID = [
 # --quick: tiny tiles the interpreter runs in milliseconds, still several splits / chunks / masked edges.
 QUICK_GRIDS = {
     K_LIN_FWD: [("default", {}), ("block_v=16 tiles_per_split=3", dict(block_v=16, tiles_per_split=3))],
-    K_LIN_STEP: [("default", {}), ("mm_block_m=32 mm_stages=2", dict(mm_block_m=32, mm_num_stages=2))],
+    K_LIN_STEP: [("default", {}), ("mm_block_m=32 mm_stages=2", dict(mm_block_m=32, mm_num_stages=2)),
+                 ("d_weight by torch.mm", dict(dweight="torch"))],
     K_PPO: [("default", {}), ("bwd V=128 fwd V=64", {"bwd.BLOCK_V": 128, "bwd.num_warps": 2, "fwd.BLOCK_V": 64})],
     K_SLS: [("default", {}), ("V=128 warps=2", {"BLOCK_V": 128, "num_warps": 2})],
 }
@@ -168,10 +171,15 @@ class patched:
     """Install ``module.name = fn`` for each triple while active, counting calls: a config function the launchers
     stopped looking up (renamed, cached, imported by value) fails the candidate instead of re-timing the default."""
 
-    def __init__(self, *triples):
+    def __init__(self, *triples, env=None):
         self.triples, self.calls, self.saved = triples, {}, []
+        self.env = {k: v for k, v in (env or {}).items() if v is not None}  # variables set while active
+        self.saved_env = {}
 
     def __enter__(self):
+        for key, value in self.env.items():
+            self.saved_env[key] = os.environ.get(key)
+            os.environ[key] = value
         for module, name, fn in self.triples:
             self.saved.append((module, name, getattr(module, name)))
             setattr(module, name, self._counted(f"{module.__name__}.{name}", fn))
@@ -180,6 +188,11 @@ class patched:
     def __exit__(self, *exc):
         for module, name, fn in reversed(self.saved):
             setattr(module, name, fn)
+        for key, value in self.saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
     def _counted(self, key, fn):
         self.calls[key] = 0
@@ -511,11 +524,15 @@ def tune_linear(t: Tuner):
     base = lin.kernel_config(h, v, dtype, dev)
 
     def apply(over):
+        over = dict(over)
+        dweight = over.pop("dweight", None)  # RLHF_FAST_LINEAR_DWEIGHT: who computes the weight gradient
         cfg = dataclasses.replace(base, **over)
-        return patched((lin, "kernel_config", lambda *_a, **_k: cfg))
+        return patched((lin, "kernel_config", lambda *_a, **_k: cfg), env={"RLHF_FAST_LINEAR_DWEIGHT": dweight})
 
     def describe(over):
-        return repr(dataclasses.replace(base, **over))
+        over = dict(over)
+        dweight = over.pop("dweight", None)
+        return repr(dataclasses.replace(base, **over)) + (f" RLHF_FAST_LINEAR_DWEIGHT={dweight}" if dweight else "")
 
     # ---- forward, no grad --------------------------------------------------------------------------------
     end = t.start(K_LIN_FWD, shape, dtype)
