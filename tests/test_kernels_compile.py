@@ -2,8 +2,8 @@
 
 The interpreter runs kernels as numpy and accepts code the compiler rejects (types of loop-carried values, scalar
 arguments that Inductor passes as fp64, int1 mask pointers). This compiles each kernel ahead of time for an H100
-target with the bundled ptxas, in a subprocess where TRITON_INTERPRET is unset. The loss kernels must also compile
-without register spills (a per-thread stack of 0).
+target with the bundled ptxas, in a subprocess where TRITON_INTERPRET is unset. The loss kernels (and the fused PPO
+loss's statistics, finalize and gradient kernels) must also compile without register spills (a per-thread stack of 0).
 """
 
 from _sm90 import compile_for_sm90
@@ -56,6 +56,32 @@ SCRIPT = """
               {"BLOCK_R": 1, "BLOCK_T": 1024})
     no_spills(L._backward_kernel, {"gfac_ptr": "*fp32", "f_ptr": "*fp32", "g_ptr": "*bf16", "out_ptr": "*fp32"},
               {"BLOCK_R": 16, "BLOCK_T": 64})
+
+    # The fused PPO loss from logits: statistics pass, the shared finalize (6 statistics, one partial per token,
+    # its own step sizes and warps) and the gradient pass with the per-row factor f_r.
+    from rlhf_fast.kernels import fused_loss as F, logprobs as P
+
+    fwd = {n: "*fp32" for n in F._ppo_fwd_kernel.arg_names if n.isupper() and n not in ("R", "T", "V")}
+    fwd.update({"X": "*bf16", "LABELS": "*i64", "OLD": "*bf16", "ADV": "*fp16", "M": "*i1"})
+    fwd.update({n: "i64" for n in F._ppo_fwd_kernel.arg_names if n.startswith("stride_")})
+    fwd.update({k: "fp32" for k in ("inv_t", "clip_low", "clip_high", "dual_clip", "kl_coef", "ent_coef")})
+    everything = {"HAS_TEMP": True, "HAS_REF": True, "KL_IN_LOSS": True, "KL_EST": 3, "HAS_ISW": True,
+                  "HAS_DUAL": True, "ENT_IN_LOSS": True, "NEED_GRAD": True, "BLOCK_V": 2048}
+    no_spills(F._ppo_fwd_kernel, fwd, everything, num_warps=1, num_stages=2)
+    nothing = {k: False for k in everything if k.startswith(("HAS", "KL_IN", "ENT", "NEED"))}
+    no_spills(F._ppo_fwd_kernel, dict(fwd, X="*fp16", M="*u8", clip_low="fp64"), dict(everything, KL_EST=1, **nothing),
+              num_warps=1, num_stages=2)
+    for agg in L.AGG_CODES.values():
+        for block_g in (1, 2, 64, F.FINAL_TILE):  # T = 1 ... T >= FINAL_TILE
+            no_spills(L._finalize_kernel, fin, {"AGG": agg, "NSTAT": F.NUM_STATS, "BLOCK_R": F.FINAL_TILE // block_g,
+                                                "BLOCK_G": block_g, "BLOCK_P": F.FINAL_STAT_BLOCK},
+                      num_warps=F.FINAL_WARPS)
+    bwd = {n: "*fp32" for n in ("LSE", "ENT", "G_LOGP", "G_ENT", "ROW_SCALE", "SCALE")}
+    bwd.update({"X": "*bf16", "DX": "*bf16", "LABELS": "*i64", "inv_t": "fp32"})
+    for row_scale in (True, False):
+        no_spills(P._logits_grad_kernel, bwd, {"HAS_TEMP": True, "HAS_LOGP_GRAD": True, "HAS_ENT_GRAD": True,
+                                               "HAS_ROW_SCALE": row_scale, "HAS_SCALE": True, "BLOCK_V": 4096},
+                  div=("X", "DX", "stride_xr", "stride_xt", "stride_dr", "stride_dt", "V"), num_warps=16)
     print("compiled")
     """
 

@@ -12,6 +12,9 @@ from rlhf_fast import _dispatch, ops
 from rlhf_fast import reference as ref
 from rlhf_fast.reference.losses import AGG_MODES
 
+# The aten-op recorder and the Triton launch counter of the PPO loss kernels' host-work test.
+from test_kernels_losses import _ALLOCATIONS, _RecordAten, count_launches  # noqa: F401 (a fixture)
+
 V = 300
 FULL = dict(
     kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, temperature=0.8, clip_low=0.2, clip_high=0.28,
@@ -261,18 +264,18 @@ def test_batch_invariance_bitwise():
 
     def per_token(b):
         rows, steps = b["old_logp"].shape
-        flat = {k: b[k].reshape(-1).contiguous().float() for k in ("old_logp", "advantages", "ref_logp",
-                                                                   "is_weights", "mask")}
         out = fused_loss.fused_forward(
-            b["logits"], b["labels"].reshape(-1).contiguous(), flat["old_logp"], flat["advantages"],
-            flat["mask"], flat["mask"], ref_logp=flat["ref_logp"], is_weights=flat["is_weights"],
-            kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, temperature=0.8, clip_low=0.2, clip_high=0.28,
-            dual_clip=3.0, need_grad=True,
+            b["logits"], b["labels"], b["old_logp"], b["advantages"], b["mask"], ref_logp=b["ref_logp"],
+            is_weights=b["is_weights"], kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, temperature=0.8,
+            clip_low=0.2, clip_high=0.28, dual_clip=3.0, agg="token-sum", counts=(0.0, 0.0, 0.0), need_grad=True,
         )
+        assert torch.equal(out["work"][:rows], torch.ones(rows))  # f_r of token-sum
+        # The finalize workspace after f: [l * m, m, statistics...], each [N].
+        terms = out["work"][rows:].view(-1, rows * steps).T.reshape(rows, steps, -1)
         valid = b["mask"].view(rows, steps, 1)
         # lse / ent are only written for valid tokens (masked ones never read their logits).
-        return [torch.where(valid, out[k].view(rows, steps, -1), 0.0)
-                for k in ("terms", "lse", "ent", "g_logp", "g_ent")]
+        return [terms] + [torch.where(valid, out[k].view(rows, steps, 1), 0.0)
+                          for k in ("lse", "ent", "g_logp", "g_ent")]
 
     full = per_token(batch)
     _, _, full_grad, _ = run(ops.fused_ppo_loss, batch, **kw)
@@ -285,6 +288,84 @@ def test_batch_invariance_bitwise():
         assert torch.equal(full_grad[start:stop], part_grad)
     again = run(ops.fused_ppo_loss, batch, **kw)
     assert torch.equal(again[2], full_grad)
+
+
+@pytest.mark.parametrize("inplace_grad", [True, False])
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.uint8, torch.float32, torch.bfloat16])
+def test_mask_dtypes_and_per_sequence_advantages(mask_dtype, inplace_grad):
+    """The mask is read in its own dtype through its strides (no float copy); advantages [R] are a stride-0 view."""
+    batch = make_batch(rows=4, steps=6, seed=17)
+    batch["mask"] = batch["mask"].to(mask_dtype)
+    batch["advantages"] = torch.randn(4, device=_device())
+    kw = dict(FULL, agg="seq-mean-token-mean", ref_logp=batch["ref_logp"], is_weights=batch["is_weights"])
+    check(run(ops.fused_ppo_loss, batch, 0.6, inplace_grad=inplace_grad, **kw), reference(batch, 0.6, **kw))
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_finalize_in_many_small_steps(agg, monkeypatch):
+    """The finalize's loops over rows, row chunks and statistic partials, each taking several steps."""
+    from rlhf_fast.kernels import fused_loss
+
+    monkeypatch.setattr(fused_loss, "FINAL_TILE", 4)  # rows of 7 tokens: two chunks each, one row per step
+    monkeypatch.setattr(fused_loss, "FINAL_STAT_BLOCK", 8)  # 35 tokens: five steps, the last one partial
+    batch = make_batch(rows=5, steps=7, seed=18)
+    kw = dict(FULL, agg=agg, ref_logp=batch["ref_logp"], is_weights=batch["is_weights"])
+    check(run(ops.fused_ppo_loss, batch, 1.3, inplace_grad=False, **kw), reference(batch, 1.3, **kw))
+    check(run(ops.fused_ppo_loss, batch, 1.3, inplace_grad=True, **kw), reference(batch, 1.3, **kw))
+
+
+def test_repeated_calls_are_bitwise_equal():
+    batch = make_batch(rows=4, steps=9, seed=19)
+    kw = dict(FULL, agg="seq-mean-token-mean", ref_logp=batch["ref_logp"], is_weights=batch["is_weights"])
+    first = run(ops.fused_ppo_loss, batch, 0.9, **kw)
+    second = run(ops.fused_ppo_loss, batch, 0.9, **kw)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
+    assert all(torch.equal(first[1][k], second[1][k]) for k in first[1])
+
+
+# ---- host work: the launches and nothing else on the device ------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["ops", "kernel"])
+@pytest.mark.parametrize("inplace_grad", [True, False])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_forward_backward_runs_only_the_kernels(count_launches, agg, inplace_grad, entry):
+    """Forward + backward with per-sequence advantages: allocations, views and the Triton launches (statistics,
+    finalize, gradient; the in-place path adds the rescale, which returns at once when the upstream gradient is
+    1), and no aten compute op, except ``rlhf_fast.ops``'s label-range check (one reduction and one read)."""
+    from rlhf_fast import _validation
+    from rlhf_fast.kernels import fused_loss
+
+    launches, state = count_launches
+    batch = make_batch(rows=3, steps=5, seed=40)
+    adv = torch.randn(3, device=_device())
+    kw = dict(agg=agg, inplace_grad=inplace_grad, entropy_coef=0.01, ref_logp=batch["ref_logp"], kl_coef=0.1,
+              is_weights=batch["is_weights"])
+    args = (batch["labels"], batch["old_logp"], adv, batch["mask"])
+    op = ops.fused_ppo_loss if entry == "ops" else fused_loss.fused_ppo_loss
+    x = batch["logits"].detach().clone().requires_grad_(True) * 1  # a non-leaf, like an lm_head output
+    upstream = torch.tensor(0.7, device=_device())
+    launches.clear()
+    with _RecordAten() as rec:
+        state["record"] = rec
+        loss, stats = op(x, *args, **kw)
+        (grad,) = torch.autograd.grad(loss, x, upstream)
+    state["record"] = None
+    compute = [str(f) for f in rec.ops if not f.is_view and str(f) not in _ALLOCATIONS]
+    expected = []
+    if entry == "ops":
+        with _RecordAten() as check_labels:
+            _validation.check_labels("labels", batch["labels"], V)
+        expected = [str(f) for f in check_labels.ops]
+    assert compute == expected, compute
+    want = ["_ppo_fwd_kernel", "_finalize_kernel", "_logits_grad_kernel"]
+    assert launches == (want + ["_scale_rows_kernel"] if inplace_grad else want), launches
+    r_loss, r_stats, r_grad, _ = reference(dict(batch, advantages=adv), 0.7, **kw)
+    torch.testing.assert_close(loss.detach(), r_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, r_grad, atol=1e-6, rtol=1e-5)
+    assert set(stats) == set(r_stats)
+    for k in r_stats:
+        torch.testing.assert_close(stats[k], r_stats[k], atol=1e-5, rtol=1e-5)
 
 
 # ---- inplace_grad=True: when the gradient may overwrite the logits, and what happens when it may not ----------
@@ -466,17 +547,19 @@ def test_gpu_bf16_batch_invariance():
 COMPILE_SCRIPT = """
     from rlhf_fast.kernels import fused_loss as F
 
-    types = {n: "*fp32" for n in F._ppo_fwd_kernel.arg_names if n.isupper() and n not in ("V", "T_INNER")}
-    types.update({"X": "*bf16", "LABELS": "*i64", "OLD": "*bf16", "ADV": "*fp16", "stride_xr": "i64",
-                  "stride_xt": "i64"})
+    types = {n: "*fp32" for n in F._ppo_fwd_kernel.arg_names if n.isupper() and n not in ("R", "T", "V")}
+    types.update({"X": "*bf16", "LABELS": "*i64", "OLD": "*bf16", "ADV": "*fp16", "M": "*i1"})
+    types.update({n: "i64" for n in F._ppo_fwd_kernel.arg_names if n.startswith("stride_")})
     types.update({k: "fp32" for k in ("inv_t", "clip_low", "clip_high", "dual_clip", "kl_coef", "ent_coef")})
     everything = {"HAS_TEMP": True, "HAS_REF": True, "KL_IN_LOSS": True, "KL_EST": 3, "HAS_ISW": True,
                   "HAS_DUAL": True, "ENT_IN_LOSS": True, "NEED_GRAD": True, "BLOCK_V": 2048}
     compile_one(F._ppo_fwd_kernel, types, everything, num_warps=1, num_stages=2)
     nothing = {k: False for k in everything if k.startswith(("HAS", "KL_IN", "ENT", "NEED"))}
-    compile_one(F._ppo_fwd_kernel, dict(types, X="*fp16", LABELS="*i32", clip_low="fp64", kl_coef="fp64"),
+    compile_one(F._ppo_fwd_kernel, dict(types, X="*fp16", LABELS="*i32", M="*u8", clip_low="fp64", kl_coef="fp64",
+                                        stride_at="i32"),
                 dict(everything, KL_EST=1, **nothing), num_warps=4, num_stages=2)
-    compile_one(F._ppo_fwd_kernel, dict(types, X="*fp32"), dict(everything, KL_EST=2, HAS_ISW=False), num_warps=1)
+    compile_one(F._ppo_fwd_kernel, dict(types, X="*fp32", M="*fp32"), dict(everything, KL_EST=2, HAS_ISW=False),
+                num_warps=1)
     print("compiled")
     """
 

@@ -244,15 +244,15 @@ COMPILE_SCRIPT = """
     assert "ld.global.v4" in ptx, "the logits loads are not vectorised"
     compile_one(P._logprobs_fwd_kernel, dict(fwd, X="*fp16", LABELS="*i32", inv_t="fp64"),
                 {"HAS_TEMP": False, "WITH_ENTROPY": False, "STORE_LSE": False, "BLOCK_V": 4096}, num_warps=4)
-    bwd = {n: "*fp32" for n in ("LSE", "ENT", "G_LOGP", "G_ENT", "SCALE")}
+    bwd = {n: "*fp32" for n in ("LSE", "ENT", "G_LOGP", "G_ENT", "ROW_SCALE", "SCALE")}
     bwd.update({"X": "*bf16", "DX": "*bf16", "LABELS": "*i64", "inv_t": "fp32"})
     ptx = compile_one(P._logits_grad_kernel, bwd, {"HAS_TEMP": True, "HAS_LOGP_GRAD": True, "HAS_ENT_GRAD": True,
-                      "HAS_SCALE": True, "BLOCK_V": 4096},
+                      "HAS_ROW_SCALE": False, "HAS_SCALE": True, "BLOCK_V": 4096},
                       div=("X", "DX", "stride_xr", "stride_xt", "stride_dr", "stride_dt", "V"), num_warps=16).asm["ptx"]
     assert "st.global.v4" in ptx, "the gradient stores are not vectorised"
     compile_one(P._logits_grad_kernel, dict(bwd, X="*fp32", DX="*fp32", LABELS="*i32", inv_t="fp64"),
-                {"HAS_TEMP": False, "HAS_LOGP_GRAD": True, "HAS_ENT_GRAD": False, "HAS_SCALE": False,
-                 "BLOCK_V": 1024}, num_warps=4)
+                {"HAS_TEMP": False, "HAS_LOGP_GRAD": True, "HAS_ENT_GRAD": False, "HAS_ROW_SCALE": False,
+                 "HAS_SCALE": False, "BLOCK_V": 1024}, num_warps=4)
     compile_one(P._scale_rows_kernel, {"X": "*bf16", "SCALE": "*fp32"}, {"BLOCK_V": 4096}, num_warps=16)
     print("compiled")
     """

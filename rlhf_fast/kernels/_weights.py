@@ -1,8 +1,9 @@
 """Per-token loss weights: every aggregation mode as ``loss = sum(l * w)``.
 
-The weights depend only on the mask (and the count overrides), so the fused loss from logits computes them once,
-before its loss pass, and its backward is just ``dl * w * upstream``. Plain torch: it is a handful of small
-reductions. (The PPO loss kernels of ``losses.py`` do not use it: their finalize kernel applies the mode.)
+The weights depend only on the mask (and the count overrides). Plain torch: a handful of small reductions. No
+kernel uses it any more -- the PPO losses (``losses.py``) and the fused loss from logits (``fused_loss.py``) apply
+the mode in their single-program finalize kernel, as a per-row factor ``f_r`` (``w = m * f_r``) -- it stays as the
+per-token statement of the modes, checked against ``reference.losses.aggregate`` by the tests.
 """
 from __future__ import annotations
 

@@ -1,21 +1,43 @@
 """Triton fused PPO loss: from ``logits[R, T, V]`` straight to the scalar loss and its gradient.
 
-Two kernels, one program per token row each (Liger's two-pass structure, which runs at ~96% of the bandwidth
-bound; see issue 3 for why single-read designs lost in Triton):
+Three launches per forward + backward (four on the in-place path), and no other device work:
 
-1. ``_ppo_fwd_kernel``: one pass over the row (online max / sum-exp / entropy in float32, as in
-   ``logprobs.py``), then in registers the per-token PPO terms: log-prob, clipped surrogate with optional
-   asymmetric / dual clip and importance weight, KL to the reference policy (k1 / k2 / k3), entropy bonus, and
-   the per-token aggregation weight ``w`` (every ``agg`` mode, from ``_weights.token_weights``). It writes
-   ``[N, 8]`` per-token sums (weighted loss and the stats numerators) and, when a gradient is needed, the
-   per-token ``lse``, ``H``, ``dloss/dlogp`` and ``dloss/dH``.
-2. ``logprobs._logits_grad_kernel``: recomputes ``p`` from ``lse`` and writes ``dloss/dlogits`` in the logits
-   dtype. With ``inplace_grad=True`` it runs inside the forward and writes over the logits buffer (the backward
-   then returns that buffer, scaled by a third kernel only when the upstream gradient is not 1); with
-   ``inplace_grad=False`` -- or fp16, leaf or self-overlapping logits, see ``fused_ppo_loss`` -- it runs in the
-   backward into a fresh buffer, the upstream gradient read on device.
+1. ``_ppo_fwd_kernel``, one program per token row (Liger's two-pass structure, which runs at ~96% of the
+   bandwidth bound; see issue 3 for why single-read designs lost in Triton): one pass over the row (online max /
+   sum-exp / entropy in float32, as in ``logprobs.py``), then in registers the per-token PPO terms: log-prob,
+   clipped surrogate with optional asymmetric / dual clip and importance weight, KL to the reference policy
+   (k1 / k2 / k3), entropy bonus. The per-token inputs (labels, ``old_logp``, ``advantages``, ``mask``,
+   ``ref_logp``, ``is_weights``) are read through their ``[R, T]`` strides: no copies, ``advantages`` may be an
+   expanded ``[R]`` (stride 0 along T), the mask bool / int / float. It writes the token's unweighted loss ``l``,
+   its validity and its statistic terms into the finalize workspace, and, when a gradient is needed, ``lse``,
+   ``H``, and the unweighted factors ``dl/dlogp`` (times ``is_weights``) and ``dl/dH = -entropy_coef``.
+2. ``losses._finalize_kernel``, one program (the PPO losses' finalize, the same logic): each token is its own
+   row partial (``G = T``) and its own statistic partial (``P = R * T``). It adds them in a fixed order (two
+   calls give bitwise-equal results), applies the ``agg`` mode with the ``num_tokens`` / ``num_seqs`` /
+   ``loss_scale`` overrides (floats, 0 = from the batch) and writes the loss, the statistics (masked means) and
+   the per-row factors ``f_r`` with ``loss = sum_r f_r * sum_t l * m``.
+3. ``logprobs._logits_grad_kernel``: recomputes ``p`` from ``lse`` and writes ``dloss/dlogits`` in the logits
+   dtype, the token's factors times ``f_r`` (``ROW_SCALE``, indexed by ``token // T``). With
+   ``inplace_grad=True`` it runs inside the forward and writes over the logits buffer (the backward then returns
+   that buffer, scaled by ``logprobs._scale_rows_kernel`` only when the upstream gradient is not 1, decided on
+   the device); with ``inplace_grad=False`` -- or fp16, leaf or self-overlapping logits, see ``fused_ppo_loss``
+   -- it runs in the backward into a fresh buffer, the upstream gradient read on the device.
 
-Masked tokens (``mask == 0``) never read their logits row: their terms and gradient are exactly 0.
+Masked tokens (``mask == 0``) never read their logits row: their terms and gradient are exactly 0. Per-token
+values depend only on the token, so they (and with ``token-sum``, ``f_r = 1``, the gradient) are batch invariant.
+
+Float32 workspace of one call, ``N = R * T`` (the layout ``losses._finalize_kernel`` reads, with ``G = T``,
+``P = N``): ``[f: R] [l * m: N] [m: N] [statistics: NSTAT * N]``, and ``[k, N]`` per-token gradient inputs
+(``lse``, ``dl/dlogp``, and with an entropy term ``H``, ``dl/dH``).
+
+Cost of the single-program finalize (estimated from byte counts, not measured on a GPU): it reads
+``(2 + NSTAT) * 4 = 32`` bytes per token (36 with ``seq-mean-token-mean``, which recounts each row for ``f_r``) in
+fixed steps of 16-24 KiB, mostly from L2, where the stats pass has just written them: 256 KiB in ~16 steps at
+``R * T = 8192`` (the issue's size, a few microseconds at a few hundred ns per step), 32 MiB in ~2000 steps at a
+million tokens (about a millisecond). The two big passes move ``~3 * 2 * V`` bytes per token (bf16 logits read
+twice and the gradient written) over every SM: ~0.9 MB per token at ``V = 151936``, ~1.8 ms at 8192 tokens and
+~0.2 s at a million, so the finalize stays well under 1% of the op at any ``N``; only a small vocabulary (a few
+thousand) would make it show, and then a two-level reduction would be the fix.
 """
 from __future__ import annotations
 
@@ -27,7 +49,6 @@ import triton.language as tl
 
 from ._autograd import first_order_only
 from ._ppo_math import ESTIMATOR_CODES, kl_token, policy_token_loss
-from ._weights import token_weights
 from .logprobs import (
     _inv_temperature,
     _online_lse_pass,
@@ -36,37 +57,38 @@ from .logprobs import (
     launch_logits_grad,
     launch_scale_rows,
 )
+from .losses import _check_agg, launch_finalize
 
-# Columns of the per-token terms buffer; each is already multiplied by the mask (or the weight for LOSS).
-LOSS, CLIPPED, RATIO, APPROX_KL, KL, ENTROPY, DUAL, COUNT = range(8)
-NUM_TERMS = 8
+# Statistic slots of the workspace, in the order of the finalize's outputs after the loss (masked means).
+CLIP_FRAC = tl.constexpr(0)
+RATIO_MEAN = tl.constexpr(1)
+APPROX_KL = tl.constexpr(2)
+KL = tl.constexpr(3)
+ENTROPY = tl.constexpr(4)
+DUAL_FRAC = tl.constexpr(5)
+NUM_STATS = 6
+NSTAT = tl.constexpr(NUM_STATS)
+# The finalize's steps: tokens per step of the per-row sums, tokens per step of the statistics (times NSTAT), and
+# its warps. Its loops are not software-pipelined, so each step costs about one memory round trip: wide steps over
+# 16 warps (4 and 16 values per thread, no register spills for any T; tests/test_kernels_compile.py).
+FINAL_TILE = 2048
+FINAL_STAT_BLOCK = 1024
+FINAL_WARPS = 16
 
 
 @triton.jit
 def _ppo_fwd_kernel(
-    X,
-    stride_xr,
-    stride_xt,
-    T_INNER,
-    LABELS,
-    OLD,
-    ADV,
-    W,
-    M,
-    REF,
-    ISW,
-    TERMS,
-    LSE,
-    ENT,
-    G_LOGP,
-    G_ENT,
-    V,
-    inv_t,
-    clip_low,
-    clip_high,
-    dual_clip,
-    kl_coef,
-    ent_coef,
+    X, stride_xr, stride_xt,
+    LABELS, stride_lr, stride_lt,
+    OLD, stride_or, stride_ot,
+    ADV, stride_ar, stride_at,
+    M, stride_mr, stride_mt,
+    REF, stride_rr, stride_rt,
+    ISW, stride_ir, stride_it,
+    WORK,  # float32 finalize workspace (module docstring)
+    LSE, ENT, G_LOGP, G_ENT,  # float32 [N] each, written with NEED_GRAD (ENT / G_ENT with ENT_IN_LOSS)
+    R, T, V,
+    inv_t, clip_low, clip_high, dual_clip, kl_coef, ent_coef,
     HAS_TEMP: tl.constexpr,
     HAS_REF: tl.constexpr,
     KL_IN_LOSS: tl.constexpr,
@@ -78,11 +100,15 @@ def _ppo_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
-    terms = TERMS + n * 8
-    mk = tl.load(M + n)
+    r = n // T
+    tt = n - r * T
+    # Workspace: row partial (l * m) at R + n, count (m) at R + N + n, statistic k at R + (2 + k) * N + n.
+    N = tl.cast(R, tl.int64) * T
+    part = WORK + R + n
+    mk = tl.load(M + r * stride_mr + tt * stride_mt).to(tl.float32)
     if mk == 0.0:
-        for k in tl.static_range(8):
-            tl.store(terms + k, 0.0)
+        for k in tl.static_range(2 + NSTAT):
+            tl.store(part + k * N, 0.0)
         if NEED_GRAD:
             tl.store(G_LOGP + n, 0.0)
             if ENT_IN_LOSS:
@@ -95,30 +121,27 @@ def _ppo_fwd_kernel(
     kl_coef = tl.cast(kl_coef, tl.float32)
     ent_coef = tl.cast(ent_coef, tl.float32)
 
-    r = n // T_INNER
-    tt = n - r * T_INNER
     x_ptr = X + r * stride_xr + tt * stride_xt
     m, s, t = _online_lse_pass(x_ptr, V, inv_t, HAS_TEMP, True, BLOCK_V)
     log_s = tl.log(s)
     lse = m + log_s
     ent = log_s - t / s
-    label = tl.load(LABELS + n).to(tl.int64)
+    label = tl.load(LABELS + r * stride_lr + tt * stride_lt).to(tl.int64)
     z_label = tl.load(x_ptr + label).to(tl.float32)
     if HAS_TEMP:
         z_label = z_label * inv_t
     logp = z_label - lse
 
-    w = tl.load(W + n)
-    old = tl.load(OLD + n).to(tl.float32)
-    adv = tl.load(ADV + n).to(tl.float32)
+    old = tl.load(OLD + r * stride_or + tt * stride_ot).to(tl.float32)
+    adv = tl.load(ADV + r * stride_ar + tt * stride_at).to(tl.float32)
     loss, g, clipped, capped = policy_token_loss(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
     if HAS_ISW:
-        isw = tl.load(ISW + n).to(tl.float32)
+        isw = tl.load(ISW + r * stride_ir + tt * stride_it).to(tl.float32)
         loss = loss * isw
         g = g * isw
     kl = tl.zeros((), tl.float32)
     if HAS_REF:
-        ref = tl.load(REF + n).to(tl.float32)
+        ref = tl.load(REF + r * stride_rr + tt * stride_rt).to(tl.float32)
         kl, dkl = kl_token(logp, ref, KL_EST)
         if KL_IN_LOSS:
             loss = loss + kl_coef * kl
@@ -129,26 +152,26 @@ def _ppo_fwd_kernel(
     ratio = tl.exp(log_ratio)
     approx_kl = tl.exp(-log_ratio) - 1.0 + log_ratio  # k3 of (logp, old_logp), the reference's approx_kl
 
-    tl.store(terms + 0, w * loss)
-    tl.store(terms + 1, mk * clipped)
-    tl.store(terms + 2, mk * ratio)
-    tl.store(terms + 3, mk * approx_kl)
-    tl.store(terms + 4, mk * kl)
-    tl.store(terms + 5, mk * ent)
-    tl.store(terms + 6, mk * capped)
-    tl.store(terms + 7, mk)
+    tl.store(part, loss)
+    tl.store(part + N, 1.0)
+    stat = part + 2 * N
+    tl.store(stat + CLIP_FRAC * N, clipped)
+    tl.store(stat + RATIO_MEAN * N, ratio)
+    tl.store(stat + APPROX_KL * N, approx_kl)
+    tl.store(stat + KL * N, kl)
+    tl.store(stat + ENTROPY * N, ent)
+    tl.store(stat + DUAL_FRAC * N, capped)
     if NEED_GRAD:
         tl.store(LSE + n, lse)
-        tl.store(G_LOGP + n, w * g)
+        tl.store(G_LOGP + n, g)
         if ENT_IN_LOSS:
             tl.store(ENT + n, ent)
-            tl.store(G_ENT + n, -(w * ent_coef))
+            tl.store(G_ENT + n, -ent_coef)
 
 
-def _flat(t: Optional[torch.Tensor], rows: int, steps: int) -> Optional[torch.Tensor]:
-    if t is None:
-        return None
-    return t.expand(rows, steps).contiguous().view(-1)
+def _rows(t: torch.Tensor, shape) -> torch.Tensor:
+    """A per-token tensor as ``[R, T]`` (a view: ``advantages`` ``[R, 1]`` is expanded, stride 0 along T)."""
+    return t if t.shape == shape else t.expand(shape)
 
 
 def fused_forward(
@@ -156,7 +179,6 @@ def fused_forward(
     labels: torch.Tensor,
     old_logp: torch.Tensor,
     advantages: torch.Tensor,
-    weights: torch.Tensor,
     mask: torch.Tensor,
     *,
     ref_logp: Optional[torch.Tensor],
@@ -168,46 +190,45 @@ def fused_forward(
     clip_low: float,
     clip_high: float,
     dual_clip: Optional[float],
+    agg: str,
+    counts: tuple,
     need_grad: bool,
 ) -> dict:
-    """Launch the statistics / loss pass over ``logits3[R, T, V]`` (last dimension contiguous).
+    """Launch the statistics pass over ``logits3[R, T, V]`` (last dimension contiguous) and the finalize.
 
-    Per-token inputs are flat contiguous ``[R * T]``. Returns the ``[N, 8]`` terms and, with ``need_grad``, the
-    per-token ``lse``, ``ent``, ``g_logp``, ``g_ent`` (``ent`` / ``g_ent`` None when the entropy is not in the loss).
+    Per-token inputs are ``[R, T]`` with any strides; ``counts`` = ``(num_tokens, num_seqs, loss_scale)`` as
+    floats (0 = from the batch). Returns ``out`` (float32 ``[1 + NSTAT]``: the loss, then the statistics in slot
+    order), ``work`` (the workspace; ``f_r`` in its first ``R`` entries) and, with ``need_grad``, the per-token
+    ``lse``, ``ent``, ``g_logp``, ``g_ent`` (``ent`` / ``g_ent`` None when the entropy is not in the loss).
     """
     rows, steps, vocab = logits3.shape
     n = rows * steps
     dev = logits3.device
-    terms = torch.empty(n, NUM_TERMS, dtype=torch.float32, device=dev)
     ent_in_loss = entropy_coef != 0.0
-    out = {"terms": terms, "lse": None, "ent": None, "g_logp": None, "g_ent": None}
+    work = torch.empty(rows + (2 + NUM_STATS) * n, dtype=torch.float32, device=dev)
+    out = {"out": torch.empty(1 + NUM_STATS, dtype=torch.float32, device=dev), "work": work,
+           "lse": None, "ent": None, "g_logp": None, "g_ent": None}
     if need_grad:
-        out["lse"] = torch.empty(n, dtype=torch.float32, device=dev)
-        out["g_logp"] = torch.empty(n, dtype=torch.float32, device=dev)
-        if ent_in_loss:
-            out["ent"] = torch.empty(n, dtype=torch.float32, device=dev)
-            out["g_ent"] = torch.empty(n, dtype=torch.float32, device=dev)
-    if n == 0:
-        return out
-    inv_t, has_temp = _inv_temperature(temperature)
-    xs = _strides(logits3)
-    dummy = terms
-    _ppo_fwd_kernel[(n,)](
-        logits3, xs[0], xs[1], steps, labels, old_logp, advantages, weights, mask,
-        dummy if ref_logp is None else ref_logp, dummy if is_weights is None else is_weights,
-        terms, *(dummy if out[k] is None else out[k] for k in ("lse", "ent", "g_logp", "g_ent")),
-        vocab, inv_t, float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef),
-        float(entropy_coef),
-        HAS_TEMP=has_temp, HAS_REF=ref_logp is not None, KL_IN_LOSS=ref_logp is not None and kl_coef != 0.0,
-        KL_EST=ESTIMATOR_CODES[kl_estimator], HAS_ISW=is_weights is not None, HAS_DUAL=dual_clip is not None,
-        ENT_IN_LOSS=ent_in_loss, NEED_GRAD=need_grad, **forward_config(vocab),
-    )
+        per_token = torch.empty((4 if ent_in_loss else 2, n), dtype=torch.float32, device=dev).unbind(0)
+        out.update(zip(("lse", "g_logp", "ent", "g_ent"), per_token))
+    if n:
+        inv_t, has_temp = _inv_temperature(temperature)
+        dummy = work
+        per_token_inputs = []
+        for t in (labels, old_logp, advantages, mask, ref_logp, is_weights):
+            per_token_inputs += (work, 0, 0) if t is None else (t, t.stride(0), t.stride(1))
+        _ppo_fwd_kernel[(n,)](
+            logits3, *_strides(logits3), *per_token_inputs, work,
+            *(dummy if out[k] is None else out[k] for k in ("lse", "ent", "g_logp", "g_ent")),
+            rows, steps, vocab, inv_t, clip_low, clip_high, dual_clip or 0.0, kl_coef, entropy_coef,
+            HAS_TEMP=has_temp, HAS_REF=ref_logp is not None,
+            KL_IN_LOSS=ref_logp is not None and kl_coef != 0.0, KL_EST=ESTIMATOR_CODES[kl_estimator],
+            HAS_ISW=is_weights is not None, HAS_DUAL=dual_clip is not None, ENT_IN_LOSS=ent_in_loss,
+            NEED_GRAD=need_grad, **forward_config(vocab),
+        )
+    launch_finalize(work, out["out"], rows, steps, n, steps, agg, counts, NUM_STATS, tile=FINAL_TILE,
+                    block_p=FINAL_STAT_BLOCK, num_warps=FINAL_WARPS)
     return out
-
-
-def _loss_and_stats(terms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    sums = terms.sum(0)
-    return sums[LOSS], sums[CLIPPED:COUNT] / sums[COUNT].clamp(min=1.0)
 
 
 def _has_internal_overlap(x: torch.Tensor) -> bool:
@@ -235,16 +256,17 @@ def _can_write_gradient_inplace(logits3: torch.Tensor) -> bool:
 
 
 class _FusedPPOLossFunction(torch.autograd.Function):
+    # The constants (labels, per-token tensors, options) travel in a dict: autograd does not track them, so the
+    # loss requires grad only through the logits, with no detach.
     @staticmethod
-    def forward(ctx, logits3, labels, temperature, inplace_grad, kwargs):
-        out = fused_forward(logits3, labels, temperature=temperature, need_grad=True, **kwargs)
+    def forward(ctx, logits3, inplace_grad, kwargs):
+        res = fused_forward(logits3, need_grad=True, **kwargs)
+        labels, temperature = kwargs["labels"], kwargs["temperature"]
         steps = logits3.shape[1]
+        grad_args = (labels, res["lse"], res["ent"], res["g_logp"], res["g_ent"])
         if inplace_grad:
-            # The gradient overwrites the logits now; the backward only rescales it (rarely).
-            launch_logits_grad(
-                logits3, logits3, labels, out["lse"], out["ent"], out["g_logp"], out["g_ent"], None, temperature,
-                t_inner=steps,
-            )
+            # The gradient (upstream 1) overwrites the logits now; the backward only rescales it (rarely).
+            launch_logits_grad(logits3, logits3, *grad_args, None, temperature, t_inner=steps, row_scale=res["work"])
             # The logits changed: any other autograd node that saved them (or a view) for its backward now
             # raises autograd's "modified by an inplace operation" error instead of using the gradient as logits.
             # The buffer is kept on ctx, not saved, so this node's own backward does not trip that check.
@@ -252,17 +274,19 @@ class _FusedPPOLossFunction(torch.autograd.Function):
             ctx.grad_buffer = logits3
             ctx.backward_done = False
         else:
-            ctx.save_for_backward(logits3, labels, out["lse"], out["ent"], out["g_logp"], out["g_ent"])
+            ctx.save_for_backward(logits3, res["work"], *grad_args[1:])
+            ctx.labels = labels
         ctx.inplace_grad = inplace_grad
         ctx.temperature = temperature
         ctx.steps = steps
-        loss, stats = _loss_and_stats(out["terms"])
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
+        ctx.set_materialize_grads(False)  # the statistics get no gradient: no zeros for them in the backward
+        outs = res["out"].unbind(0)
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
 
     @staticmethod
     @first_order_only
-    def backward(ctx, g_loss, _g_stats):
+    def backward(ctx, g_loss, *_g_stats):
         if ctx.inplace_grad:
             if ctx.backward_done:
                 # The buffer already holds (and handed out) the scaled gradient of the first backward.
@@ -273,16 +297,20 @@ class _FusedPPOLossFunction(torch.autograd.Function):
             ctx.backward_done = True
             grad = ctx.grad_buffer
             ctx.grad_buffer = None
+            if g_loss is None:
+                return None, None, None
             # Rescales only when the upstream gradient is not 1, decided on the device (no sync).
-            launch_scale_rows(grad, g_loss.float().contiguous(), t_inner=ctx.steps)
-            return grad, None, None, None, None
-        logits3, labels, lse, ent, g_logp, g_ent = ctx.saved_tensors
+            launch_scale_rows(grad, g_loss, t_inner=ctx.steps)
+            return grad, None, None
+        if g_loss is None:
+            return None, None, None
+        logits3, work, lse, ent, g_logp, g_ent = ctx.saved_tensors
         grad = torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
         launch_logits_grad(
-            logits3, grad, labels, lse, ent, g_logp, g_ent, g_loss.float().contiguous(), ctx.temperature,
-            t_inner=ctx.steps,
+            logits3, grad, ctx.labels, lse, ent, g_logp, g_ent, g_loss, ctx.temperature, t_inner=ctx.steps,
+            row_scale=work,
         )
-        return grad, None, None, None, None
+        return grad, None, None
 
 
 def fused_ppo_loss(
@@ -310,8 +338,10 @@ def fused_ppo_loss(
     """``logits[R, T, V]`` -> policy loss + ``kl_coef * agg(kl)`` - ``entropy_coef * agg(entropy)``, and stats.
 
     Same signature and numbers as ``rlhf_fast.reference.losses.fused_ppo_loss``. Per-token tensors are
-    ``[R, T]`` (``advantages`` may be an expanded ``[R] -> [R, T]`` view). Differentiable with respect to
-    ``logits`` only, first order only (double backward raises).
+    ``[R, T]`` with any strides (``advantages`` may be ``[R]``, or an expanded ``[R] -> [R, T]`` view; the mask
+    bool, int or float): they are read in place, never copied. Overrides are best passed as numbers
+    (``rlhf_fast.ops`` does): a tensor is read here, a device sync. Differentiable with respect to ``logits``
+    only, first order only (double backward raises).
 
     With ``inplace_grad=False`` the logits are never written; the gradient is computed in the backward into a
     fresh buffer, with the upstream gradient applied in float32 before rounding to the logits dtype.
@@ -331,44 +361,40 @@ def fused_ppo_loss(
     - logits whose elements overlap in memory (e.g. an ``expand``-ed view): several rows would write one place.
     """
     rows, steps = old_logp.shape
+    shape = old_logp.shape
     vocab = logits.shape[-1]
-    # Constants of the loss even if they require grad (only the logits are differentiable).
-    old_logp, advantages, mask = old_logp.detach(), advantages.detach(), mask.detach()
-    ref_logp = None if ref_logp is None else ref_logp.detach()
-    is_weights = None if is_weights is None else is_weights.detach()
-    logits3 = logits.reshape(rows, steps, vocab)
+    logits3 = logits if logits.shape == (rows, steps, vocab) else logits.reshape(rows, steps, vocab)
     if logits3.stride(-1) != 1:
         logits3 = logits3.contiguous()
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)
-    weights = token_weights(mask, agg, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale)
     kwargs = dict(
-        old_logp=_flat(old_logp, rows, steps),
-        advantages=_flat(advantages, rows, steps),
-        weights=_flat(weights, rows, steps),
-        mask=_flat(mask.to(torch.float32), rows, steps),
-        ref_logp=_flat(ref_logp, rows, steps),
-        is_weights=_flat(is_weights, rows, steps),
+        labels=_rows(labels, shape),
+        old_logp=old_logp,
+        advantages=_rows(advantages, shape),
+        mask=_rows(mask, shape),
+        ref_logp=None if ref_logp is None else _rows(ref_logp, shape),
+        is_weights=None if is_weights is None else _rows(is_weights, shape),
         kl_coef=float(kl_coef),
         kl_estimator=kl_estimator,
         entropy_coef=float(entropy_coef),
+        temperature=float(temperature),
         clip_low=float(clip_low),
         clip_high=float(clip_low if clip_high is None else clip_high),
         dual_clip=None if dual_clip is None else float(dual_clip),
+        agg=agg,
+        counts=_check_agg(agg, num_tokens, num_seqs, loss_scale),
     )
-    labels = _flat(labels, rows, steps)
-    temperature = float(temperature)
     if torch.is_grad_enabled() and logits.requires_grad:
         inplace = bool(inplace_grad) and _can_write_gradient_inplace(logits3)
-        loss, fractions = _FusedPPOLossFunction.apply(logits3, labels, temperature, inplace, kwargs)
+        outs = _FusedPPOLossFunction.apply(logits3, inplace, kwargs)
     else:
-        out = fused_forward(logits3, labels, temperature=temperature, need_grad=False, **kwargs)
-        loss, fractions = _loss_and_stats(out["terms"])
-    clip_frac, ratio_mean, approx_kl, kl, entropy, dual_frac = fractions.unbind(0)
+        outs = fused_forward(logits3, need_grad=False, **kwargs)["out"].unbind(0)
+    loss, clip_frac, ratio_mean, approx_kl, kl, entropy, dual_frac = outs
     stats = {"clip_frac": clip_frac, "approx_kl": approx_kl, "ratio_mean": ratio_mean}
     if dual_clip is not None:
         stats["dual_clip_frac"] = dual_frac
-    stats["kl"] = kl if ref_logp is not None else torch.zeros((), dtype=torch.float32, device=logits.device)
+    stats["kl"] = kl  # 0 without ref_logp (every token's term is 0)
     stats["entropy"] = entropy
     return loss, stats
 

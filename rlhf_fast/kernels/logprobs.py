@@ -119,23 +119,31 @@ def _logits_grad_kernel(
     stride_dt,
     T_INNER,
     LABELS,
+    stride_lr,
+    stride_lt,
     LSE,
     ENT,
     G_LOGP,
     G_ENT,
+    ROW_SCALE,
     SCALE,
     V,
     inv_t,
     HAS_TEMP: tl.constexpr,
     HAS_LOGP_GRAD: tl.constexpr,
     HAS_ENT_GRAD: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """``dx = scale / T * (g_logp * (onehot - p) - g_H * p * (log p + H))`` for row ``n`` = (n // T_INNER, n % T_INNER).
+    """``dx = scale / T * (g_logp * (onehot - p) - g_H * p * (log p + H))`` for row ``n`` = (r, t) =
+    (n // T_INNER, n % T_INNER), with ``scale = ROW_SCALE[r] * SCALE[0]`` (each factor only when its flag is set).
 
-    ``X`` and ``DX`` may be the same buffer (gradient written over the logits): each element is read before its
-    own lane writes it, and no other program touches the row.
+    The label of token ``n`` is ``LABELS[r * stride_lr + t * stride_lt]`` (a contiguous ``[N]`` is
+    ``(T_INNER, 1)``); the other per-token inputs are contiguous ``[N]``. ``ROW_SCALE`` is the fused PPO loss's
+    per-row aggregation factor ``f_r`` (``fused_loss.py``). ``X`` and ``DX`` may be the same buffer (gradient
+    written over the logits): each element is read before its own lane writes it, and no other program touches the
+    row.
     """
     n = tl.program_id(0).to(tl.int64)
     r = n // T_INNER
@@ -159,6 +167,8 @@ def _logits_grad_kernel(
     scale = tl.full((), 1.0, tl.float32)
     if HAS_TEMP:
         scale = inv_t
+    if HAS_ROW_SCALE:
+        scale = scale * tl.load(ROW_SCALE + r)
     if HAS_SCALE:
         scale = scale * tl.load(SCALE).to(tl.float32)
     g_logp = g_logp * scale
@@ -168,7 +178,7 @@ def _logits_grad_kernel(
     ent = tl.zeros((), tl.float32)
     if HAS_ENT_GRAD:
         ent = tl.load(ENT + n)
-    label = tl.load(LABELS + n).to(tl.int64)
+    label = tl.load(LABELS + r * stride_lr + tt * stride_lt).to(tl.int64)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
         valid = idx < V
@@ -244,12 +254,14 @@ def logprobs_forward(logits, labels, temperature, *, with_entropy: bool, store_l
 
 
 def launch_logits_grad(
-    logits, grad, labels, lse, ent, g_logp, g_ent, scale, temperature, *, t_inner: int
+    logits, grad, labels, lse, ent, g_logp, g_ent, scale, temperature, *, t_inner: int, row_scale=None
 ) -> None:
-    """Write the gradient of ``sum(g_logp * logp + g_ent * H) * scale`` w.r.t. ``logits`` into ``grad``.
+    """Write the gradient of ``sum_n(g_logp * logp + g_ent * H) * f[n // t_inner] * scale`` w.r.t. ``logits``.
 
     ``logits`` and ``grad`` are ``[N, V]`` or ``[R, T_INNER, V]`` with a contiguous last dimension (they may be
-    the same tensor); per-token tensors are contiguous ``[N]``; ``g_logp`` / ``g_ent`` / ``scale`` may be None.
+    the same tensor); ``labels`` is contiguous ``[N]``, or ``[R, T_INNER]`` with any strides; the other per-token
+    tensors are contiguous ``[N]``; ``g_logp`` / ``g_ent`` / ``scale`` (a one-element tensor, read on the device)
+    and ``row_scale`` (float32 ``f``, one per ``t_inner`` tokens) may be None.
     """
     vocab = logits.shape[-1]
     rows = labels.numel()
@@ -257,14 +269,15 @@ def launch_logits_grad(
         return
     xs = _strides(logits)
     ds = _strides(grad)
+    ls = labels.stride() if labels.dim() == 2 else (t_inner, 1)
     inv_t, has_temp = _inv_temperature(temperature)
     dummy = lse
     _logits_grad_kernel[(rows,)](
-        logits, xs[0], xs[1], grad, ds[0], ds[1], t_inner, labels, lse,
+        logits, xs[0], xs[1], grad, ds[0], ds[1], t_inner, labels, ls[0], ls[1], lse,
         dummy if ent is None else ent, dummy if g_logp is None else g_logp, dummy if g_ent is None else g_ent,
-        dummy if scale is None else scale, vocab, inv_t,
+        dummy if row_scale is None else row_scale, dummy if scale is None else scale, vocab, inv_t,
         HAS_TEMP=has_temp, HAS_LOGP_GRAD=g_logp is not None, HAS_ENT_GRAD=g_ent is not None,
-        HAS_SCALE=scale is not None, **backward_config(vocab),
+        HAS_ROW_SCALE=row_scale is not None, HAS_SCALE=scale is not None, **backward_config(vocab),
     )
 
 

@@ -216,13 +216,16 @@ def _finalize_kernel(
     tokens = tl.sum(token_acc, axis=0)
 
     # Statistics: masked means over every valid token.
-    slots = tl.arange(0, NSTAT).to(tl.int64)
+    NSTAT_P2: tl.constexpr = triton.next_power_of_2(NSTAT)
+    slots = tl.arange(0, NSTAT_P2).to(tl.int64)
+    in_slot = slots < NSTAT
     stat_ptr = work_ptr + r64 + 2 * r64 * G
-    acc = tl.zeros((NSTAT, BLOCK_P), tl.float32)
+    acc = tl.zeros((NSTAT_P2, BLOCK_P), tl.float32)
     for start in range(0, P, BLOCK_P):
         idx = start + tl.arange(0, BLOCK_P).to(tl.int64)
-        acc += tl.load(stat_ptr + slots[:, None] * P + idx[None, :], mask=idx[None, :] < P, other=0.0)
-    tl.store(out_ptr + 1 + slots, tl.sum(acc, axis=1) / tl.maximum(tokens, 1.0))
+        inside = in_slot[:, None] & (idx[None, :] < P)
+        acc += tl.load(stat_ptr + slots[:, None] * P + idx[None, :], mask=inside, other=0.0)
+    tl.store(out_ptr + 1 + slots, tl.sum(acc, axis=1) / tl.maximum(tokens, 1.0), mask=in_slot)
 
     # Explicit fp32 overrides (Inductor passes Python floats as fp64). A count the batch gives is at least 1.
     n_tok = tl.cast(num_tokens, tl.float32)
@@ -293,6 +296,24 @@ def _strides(t: torch.Tensor):
     return (t, t.stride(0), t.stride(1))
 
 
+def launch_finalize(
+    work: torch.Tensor, out: torch.Tensor, R: int, G: int, P: int, T: int, agg: str, counts, nstat: int, *,
+    tile: int = TILE, block_p: int = STAT_BLOCK, num_warps: int = 4,
+) -> None:
+    """The single-program finalize over a workspace laid out as in the module docstring (``G`` row partials per
+    row, ``P`` partials per statistic); ``counts`` = ``(num_tokens, num_seqs, loss_scale)`` floats, 0 = from the
+    batch; ``T`` is the default ``seq-mean-token-sum-norm`` divisor. ``tile`` row partials and ``block_p`` partials
+    per statistic per step (powers of two). Also the fused PPO loss's finalize (``fused_loss.py``: one partial per
+    token, ``G = T`` and ``P = R * T``)."""
+    num_tokens, num_seqs, loss_scale = counts
+    block_g = min(_next_pow2(G), tile)
+    _finalize_kernel[(1,)](
+        work, out, R, G, P, num_tokens, num_seqs, loss_scale or float(max(T, 1)),
+        AGG=AGG_CODES[agg], NSTAT=nstat, BLOCK_R=tile // block_g, BLOCK_G=block_g, BLOCK_P=block_p,
+        num_warps=num_warps,
+    )
+
+
 def _count(value) -> float:
     """An override as the finalize kernel takes it: 0.0 = count from the batch. ``rlhf_fast.ops`` passes floats;
     a tensor from a direct caller is read here (one sync)."""
@@ -314,14 +335,8 @@ class _Call:
 
     def finish(self, ctx, x: torch.Tensor, agg: str, counts) -> tuple:
         (R, T), (grid_r, grid_t) = x.shape, self.grid
-        num_tokens, num_seqs, loss_scale = counts
         out = torch.empty(1 + self.nstat, dtype=torch.float32, device=x.device)
-        fin_g = min(_next_pow2(grid_t), TILE)
-        _finalize_kernel[(1,)](
-            self.work, out, R, grid_t, grid_r * grid_t, num_tokens, num_seqs,
-            loss_scale or float(max(T, 1)),
-            AGG=AGG_CODES[agg], NSTAT=self.nstat, BLOCK_R=TILE // fin_g, BLOCK_G=fin_g, BLOCK_P=STAT_BLOCK,
-        )
+        launch_finalize(self.work, out, R, grid_t, grid_r * grid_t, T, agg, counts, self.nstat)
         if self.store_grad:
             ctx.save_for_backward(self.gfac, self.work)
             ctx.tiles = (self.block_r, self.block_t, self.grid)
