@@ -71,3 +71,12 @@ def triton_small_chunks(backend, monkeypatch):
 
     if not HAS_CUDA:
         monkeypatch.setattr(logprobs, "MAX_BLOCK_V", 64)
+
+
+@pytest.fixture
+def count_launches(monkeypatch):
+    """``(launches, state)``: every Triton launch by kernel name; set ``state["record"]`` to a
+    ``_host_work.RecordAten`` to pause its recording during launches."""
+    from _host_work import install_launch_counter
+
+    return install_launch_counter(monkeypatch)

@@ -46,7 +46,8 @@ SCRIPT = """
     vptrs = {n: "*fp32" for n in L._value_fwd_kernel.arg_names if n.endswith("_ptr")}
     vptrs.update({"v_ptr": "*bf16", "mask_ptr": "*i1", "clip": "fp64"})
     no_spills(L._value_fwd_kernel, vptrs, {"HAS_CLIP": True, "STORE_GRAD": True, "BLOCK_R": 1, "BLOCK_T": 1024})
-    fin = {"work_ptr": "*fp32", "out_ptr": "*fp32", "num_tokens": "fp64", "num_seqs": "fp32", "loss_scale": "fp32"}
+    fin = {"work_ptr": "*fp32", "loss_ptr": "*fp32", "stats_ptr": "*fp32", "num_tokens": "fp64", "num_seqs": "fp32",
+           "loss_scale": "fp32"}
     for agg in L.AGG_CODES.values():
         no_spills(L._finalize_kernel, fin, {"AGG": agg, "NSTAT": L.POLICY_STATS, "BLOCK_R": 512, "BLOCK_G": 2,
                                             "BLOCK_P": L.STAT_BLOCK})

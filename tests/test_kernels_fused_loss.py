@@ -13,7 +13,7 @@ from rlhf_fast import reference as ref
 from rlhf_fast.reference.losses import AGG_MODES
 
 # The aten-op recorder and the Triton launch counter of the PPO loss kernels' host-work test.
-from test_kernels_losses import _ALLOCATIONS, _RecordAten, count_launches  # noqa: F401 (a fixture)
+from _host_work import ALLOCATIONS, RecordAten
 
 V = 300
 FULL = dict(
@@ -346,15 +346,15 @@ def test_forward_backward_runs_only_the_kernels(count_launches, agg, inplace_gra
     x = batch["logits"].detach().clone().requires_grad_(True) * 1  # a non-leaf, like an lm_head output
     upstream = torch.tensor(0.7, device=_device())
     launches.clear()
-    with _RecordAten() as rec:
+    with RecordAten() as rec:
         state["record"] = rec
         loss, stats = op(x, *args, **kw)
         (grad,) = torch.autograd.grad(loss, x, upstream)
     state["record"] = None
-    compute = [str(f) for f in rec.ops if not f.is_view and str(f) not in _ALLOCATIONS]
+    compute = [str(f) for f in rec.ops if not f.is_view and str(f) not in ALLOCATIONS]
     expected = []
     if entry == "ops":
-        with _RecordAten() as check_labels:
+        with RecordAten() as check_labels:
             _validation.check_labels("labels", batch["labels"], V)
         expected = [str(f) for f in check_labels.ops]
     assert compute == expected, compute
@@ -566,3 +566,22 @@ COMPILE_SCRIPT = """
 
 def test_kernel_compiles_for_sm90():
     compile_for_sm90(COMPILE_SCRIPT)
+
+
+@pytest.mark.parametrize("inplace_grad", [True, False])
+def test_fused_loss_is_its_own_tensor_not_a_view(inplace_grad):
+    """``loss /= accumulation_steps`` works: the loss is not a view of the statistics' buffer."""
+    batch = make_batch(seed=44)
+    kw = dict(FULL, agg="token-mean", ref_logp=batch["ref_logp"])
+    grads = []
+    for impl in (ops.fused_ppo_loss, ref.fused_ppo_loss):
+        param = batch["logits"].detach().clone().requires_grad_(True)
+        args = {k: v for k, v in batch.items() if k not in ("logits", "ref_logp", "is_weights")}
+        extra = dict(inplace_grad=inplace_grad) if impl is ops.fused_ppo_loss else {}
+        loss, stats = impl(param.clone(), args["labels"], args["old_logp"], args["advantages"], args["mask"],
+                           **kw, **extra)
+        loss /= 3
+        stats["entropy"] *= 2
+        loss.backward()
+        grads.append(param.grad)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

@@ -6,7 +6,7 @@ random upstream gradient. bf16 and realistic sizes run only on the GPU (marked `
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from _host_work import ALLOCATIONS, RecordAten
 
 from rlhf_fast import ops
 from rlhf_fast.reference.losses import AGG_MODES
@@ -367,47 +367,6 @@ def test_double_backward_raises(backend):
 # ---- host work: three Triton launches and no other device work --------------------------------------------------
 
 
-class _RecordAten(TorchDispatchMode):
-    """Records every aten op that reaches the dispatcher, except while ``paused`` (inside a Triton launch: under
-    the interpreter the launcher copies tensor arguments with aten ops, which a GPU launch does not)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.paused = [], False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused:
-            self.ops.append(func)
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture
-def count_launches(monkeypatch):
-    """Wraps ``run`` of Triton's kernel class (JITFunction, or InterpretedFunction under the interpreter), so every
-    Triton launch anywhere is counted by name; ``record`` pauses during launches."""
-    from rlhf_fast.kernels import losses as kernels
-
-    launches, state = [], {"record": None}
-    kernel_cls = type(kernels._finalize_kernel)
-    run = kernel_cls.run
-
-    def counted(self, *args, **kwargs):
-        launches.append(self.fn.__name__)
-        rec = state["record"]
-        if rec is not None:
-            rec.paused = True
-        try:
-            return run(self, *args, **kwargs)
-        finally:
-            if rec is not None:
-                rec.paused = False
-
-    monkeypatch.setattr(kernel_cls, "run", counted)
-    return launches, state
-
-
-# Ops that allocate or alias memory without touching data; anything else would be device work besides the kernels.
-_ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_strided.default"}
 
 
 @pytest.mark.parametrize("which", ["policy", "value"])
@@ -427,12 +386,12 @@ def test_losses_forward_backward_are_three_launches_and_no_aten_compute(backend,
     x = logp.detach().clone().requires_grad_(True)
     upstream = torch.tensor(0.7, device=DEVICE)
     launches.clear()
-    with _RecordAten() as rec:
+    with RecordAten() as rec:
         state["record"] = rec
         loss, stats = op(x, agg=agg, **counts)
         (grad,) = torch.autograd.grad(loss, x, upstream)
     state["record"] = None
-    compute = [str(f) for f in rec.ops if not f.is_view and str(f) not in _ALLOCATIONS]
+    compute = [str(f) for f in rec.ops if not f.is_view and str(f) not in ALLOCATIONS]
     # The one device read left is validation's of a tensor override (it must be checked positive and finite).
     expected = ["aten._local_scalar_dense.default"] if override == "tensor" else []
     assert compute == expected, compute
@@ -475,3 +434,39 @@ def test_gpu_policy_loss_batch_invariant_bf16(backend):
     assert torch.equal(full[0], again[0]) and torch.equal(full[2], again[2])
     part = _run_policy(backend, "triton", logp[5:6], old[5:6], adv[5:6], mask[5:6], upstream, is_weights=isw[5:6], **kw)
     assert torch.equal(full[2][5:6], part[2])
+
+
+def test_loss_is_its_own_tensor_not_a_view(backend):
+    """The loss can be changed in place (``loss /= accumulation_steps``) on both backends: the kernels return it
+    as a tensor of its own, not a view of a buffer it shares with the statistics."""
+    logp, old, adv, mask, _ = _policy_inputs(seed=41)
+    values, v_old, returns, v_mask = _value_inputs(seed=42)
+    grads = {}
+    for name in ("torch", "triton"):
+        backend(name)
+        x, v = logp.detach().clone().requires_grad_(True), values.detach().clone().requires_grad_(True)
+        loss, stats = ops.ppo_policy_loss(x, old, adv, mask)
+        v_loss, _ = ops.ppo_value_loss(v, v_old, returns, v_mask)
+        loss /= 4
+        v_loss *= 0.5
+        stats["clip_frac"] *= 100  # non-differentiable statistics too
+        (loss + v_loss).backward()
+        grads[name] = (x.grad, v.grad)
+    for ours, ref in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_no_gradient_buffer_without_grad_mode(backend, count_launches):
+    """Under no_grad a logp that requires grad gets no [R, T] gradient-factor buffer (autograd still says the
+    input needs a gradient there)."""
+    _, state = count_launches
+    backend("triton")
+    logp, old, adv, mask, _ = _policy_inputs(rows=3, steps=29, seed=43)
+    x = logp.detach().clone().requires_grad_(True)
+    for grad_mode, expect_buffer in ((torch.no_grad, False), (torch.enable_grad, True)):
+        with grad_mode(), RecordAten() as rec:
+            state["record"] = rec
+            ops.ppo_policy_loss(x, old, adv, mask)
+        state["record"] = None
+        shapes = [tuple(args[0]) for func, args in rec.calls if str(func) in ALLOCATIONS]
+        assert ((3, 29) in shapes) == expect_buffer, shapes

@@ -206,7 +206,8 @@ def fused_forward(
     dev = logits3.device
     ent_in_loss = entropy_coef != 0.0
     work = torch.empty(rows + (2 + NUM_STATS) * n, dtype=torch.float32, device=dev)
-    out = {"out": torch.empty(1 + NUM_STATS, dtype=torch.float32, device=dev), "work": work,
+    out = {"loss": torch.empty((), dtype=torch.float32, device=dev),
+           "stats": torch.empty(NUM_STATS, dtype=torch.float32, device=dev), "work": work,
            "lse": None, "ent": None, "g_logp": None, "g_ent": None}
     if need_grad:
         per_token = torch.empty((4 if ent_in_loss else 2, n), dtype=torch.float32, device=dev).unbind(0)
@@ -226,7 +227,7 @@ def fused_forward(
             HAS_ISW=is_weights is not None, HAS_DUAL=dual_clip is not None, ENT_IN_LOSS=ent_in_loss,
             NEED_GRAD=need_grad, **forward_config(vocab),
         )
-    launch_finalize(work, out["out"], rows, steps, n, steps, agg, counts, NUM_STATS, tile=FINAL_TILE,
+    launch_finalize(work, out["loss"], out["stats"], rows, steps, n, steps, agg, counts, NUM_STATS, tile=FINAL_TILE,
                     block_p=FINAL_STAT_BLOCK, num_warps=FINAL_WARPS)
     return out
 
@@ -280,9 +281,9 @@ class _FusedPPOLossFunction(torch.autograd.Function):
         ctx.temperature = temperature
         ctx.steps = steps
         ctx.set_materialize_grads(False)  # the statistics get no gradient: no zeros for them in the backward
-        outs = res["out"].unbind(0)
-        ctx.mark_non_differentiable(*outs[1:])
-        return outs
+        stats = res["stats"].unbind(0)
+        ctx.mark_non_differentiable(*stats)
+        return (res["loss"], *stats)
 
     @staticmethod
     @first_order_only
@@ -389,7 +390,8 @@ def fused_ppo_loss(
         inplace = bool(inplace_grad) and _can_write_gradient_inplace(logits3)
         outs = _FusedPPOLossFunction.apply(logits3, inplace, kwargs)
     else:
-        outs = fused_forward(logits3, need_grad=False, **kwargs)["out"].unbind(0)
+        res = fused_forward(logits3, need_grad=False, **kwargs)
+        outs = (res["loss"], *res["stats"].unbind(0))
     loss, clip_frac, ratio_mean, approx_kl, kl, entropy, dual_frac = outs
     stats = {"clip_frac": clip_frac, "approx_kl": approx_kl, "ratio_mean": ratio_mean}
     if dual_clip is not None:

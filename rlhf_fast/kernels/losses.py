@@ -196,7 +196,8 @@ def _row_totals(work_ptr, r64, G, rows, BLOCK_R: tl.constexpr, BLOCK_G: tl.const
 @triton.jit
 def _finalize_kernel(
     work_ptr,  # float32 workspace (module docstring); f_r is written into its first R entries
-    out_ptr,  # float32 [1 + NSTAT]: the loss, then the statistics (masked means)
+    loss_ptr,  # float32 0-d: the loss (its own buffer: the loss is returned as a tensor of its own, not a view)
+    stats_ptr,  # float32 [NSTAT]: the statistics (masked means)
     R, G, P, num_tokens, num_seqs, loss_scale,  # overrides: 0 = count from the batch
     AGG: tl.constexpr, NSTAT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -225,7 +226,7 @@ def _finalize_kernel(
         idx = start + tl.arange(0, BLOCK_P).to(tl.int64)
         inside = in_slot[:, None] & (idx[None, :] < P)
         acc += tl.load(stat_ptr + slots[:, None] * P + idx[None, :], mask=inside, other=0.0)
-    tl.store(out_ptr + 1 + slots, tl.sum(acc, axis=1) / tl.maximum(tokens, 1.0), mask=in_slot)
+    tl.store(stats_ptr + slots, tl.sum(acc, axis=1) / tl.maximum(tokens, 1.0), mask=in_slot)
 
     # Explicit fp32 overrides (Inductor passes Python floats as fp64). A count the batch gives is at least 1.
     n_tok = tl.cast(num_tokens, tl.float32)
@@ -246,7 +247,7 @@ def _finalize_kernel(
             norm = tl.cast(loss_scale, tl.float32)
             loss = loss / norm
             denom = denom * norm
-    tl.store(out_ptr, loss)
+    tl.store(loss_ptr, loss)
 
     # f_r: d loss / d (sum_t l * m of row r). Only seq-mean-token-mean differs per row: it recounts the row's
     # tokens from the same partials in the same order (bitwise the count above).
@@ -297,7 +298,7 @@ def _strides(t: torch.Tensor):
 
 
 def launch_finalize(
-    work: torch.Tensor, out: torch.Tensor, R: int, G: int, P: int, T: int, agg: str, counts, nstat: int, *,
+    work: torch.Tensor, loss: torch.Tensor, stats: torch.Tensor, R: int, G: int, P: int, T: int, agg: str, counts, nstat: int, *,
     tile: int = TILE, block_p: int = STAT_BLOCK, num_warps: int = 4,
 ) -> None:
     """The single-program finalize over a workspace laid out as in the module docstring (``G`` row partials per
@@ -308,7 +309,7 @@ def launch_finalize(
     num_tokens, num_seqs, loss_scale = counts
     block_g = min(_next_pow2(G), tile)
     _finalize_kernel[(1,)](
-        work, out, R, G, P, num_tokens, num_seqs, loss_scale or float(max(T, 1)),
+        work, loss, stats, R, G, P, num_tokens, num_seqs, loss_scale or float(max(T, 1)),
         AGG=AGG_CODES[agg], NSTAT=nstat, BLOCK_R=tile // block_g, BLOCK_G=block_g, BLOCK_P=block_p,
         num_warps=num_warps,
     )
@@ -323,29 +324,31 @@ def _count(value) -> float:
 class _Call:
     """One forward: tiles, the workspace and the gradient-factor buffer; ``finish`` runs the finalize kernel."""
 
-    def __init__(self, ctx, x: torch.Tensor, nstat: int):
+    def __init__(self, ctx, x: torch.Tensor, nstat: int, need_grad: bool):
         R, T = x.shape
         self.block_r, self.block_t, grid_r, grid_t = _tiles(R, T)
         self.grid = (grid_r, grid_t)
         self.nstat = nstat
-        self.store_grad = ctx.needs_input_grad[0]
+        # From the caller: inside forward grad mode is always off, and needs_input_grad is True under no_grad too.
+        self.store_grad = need_grad
         self.work = torch.empty(R + 2 * R * grid_t + nstat * grid_r * grid_t, dtype=torch.float32, device=x.device)
         # Without a gradient to store the kernel never writes gfac: any float32 buffer will do.
         self.gfac = torch.empty((R, T), dtype=torch.float32, device=x.device) if self.store_grad else self.work
 
     def finish(self, ctx, x: torch.Tensor, agg: str, counts) -> tuple:
         (R, T), (grid_r, grid_t) = x.shape, self.grid
-        out = torch.empty(1 + self.nstat, dtype=torch.float32, device=x.device)
-        launch_finalize(self.work, out, R, grid_t, grid_r * grid_t, T, agg, counts, self.nstat)
+        loss = torch.empty((), dtype=torch.float32, device=x.device)
+        stats = torch.empty(self.nstat, dtype=torch.float32, device=x.device)
+        launch_finalize(self.work, loss, stats, R, grid_t, grid_r * grid_t, T, agg, counts, self.nstat)
         if self.store_grad:
             ctx.save_for_backward(self.gfac, self.work)
             ctx.tiles = (self.block_r, self.block_t, self.grid)
             ctx.dtype = x.dtype
         ctx.store_grad = self.store_grad
         ctx.set_materialize_grads(False)  # the statistics get no gradient: no zeros for them in the backward
-        outs = out.unbind(0)
-        ctx.mark_non_differentiable(*outs[1:])
-        return outs
+        stats = stats.unbind(0)
+        ctx.mark_non_differentiable(*stats)
+        return (loss, *stats)
 
 
 def _loss_backward(ctx, grad_loss, num_inputs: int):
@@ -365,9 +368,9 @@ class _PolicyLoss(torch.autograd.Function):
     # The constants (old_logp, advantages, mask, is_weights) travel in a tuple: autograd does not track them,
     # so the loss requires grad only through logp, with no detach.
     @staticmethod
-    def forward(ctx, logp, consts, agg, counts, clip_low, clip_high, dual_clip):
+    def forward(ctx, logp, consts, need_grad, agg, counts, clip_low, clip_high, dual_clip):
         old_logp, advantages, mask, is_weights = consts
-        call = _Call(ctx, logp, POLICY_STATS)
+        call = _Call(ctx, logp, POLICY_STATS, need_grad)
         if logp.numel():
             isw = is_weights if is_weights is not None else logp
             _policy_fwd_kernel[call.grid](
@@ -381,14 +384,14 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_loss, *_):
-        return _loss_backward(ctx, grad_loss, 7)
+        return _loss_backward(ctx, grad_loss, 8)
 
 
 class _ValueLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, consts, agg, counts, clip):
+    def forward(ctx, values, consts, need_grad, agg, counts, clip):
         old_values, returns, mask = consts
-        call = _Call(ctx, values, VALUE_STATS)
+        call = _Call(ctx, values, VALUE_STATS, need_grad)
         if values.numel():
             _value_fwd_kernel[call.grid](
                 *_strides(values), *_strides(old_values), *_strides(returns), *_strides(mask),
@@ -400,7 +403,12 @@ class _ValueLoss(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_loss, *_):
-        return _loss_backward(ctx, grad_loss, 5)
+        return _loss_backward(ctx, grad_loss, 6)
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    """Whether the forward must store gradient factors (no buffer under no_grad / inference_mode)."""
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 def _check_rows(name: str, t: torch.Tensor, shape) -> None:
@@ -445,7 +453,8 @@ def ppo_policy_loss(
             _check_rows(name, t, logp.shape)
     counts = _check_agg(agg, num_tokens, num_seqs, loss_scale)
     loss, clip_frac, approx_kl, ratio_mean, dual_frac = _PolicyLoss.apply(
-        logp, (old_logp, advantages, mask, is_weights), agg, counts, float(clip_low), float(clip_high),
+        logp, (old_logp, advantages, mask, is_weights), _needs_grad(logp), agg, counts, float(clip_low),
+        float(clip_high),
         None if dual_clip is None else float(dual_clip),
     )
     stats = {"clip_frac": clip_frac, "approx_kl": approx_kl, "ratio_mean": ratio_mean}
@@ -476,7 +485,7 @@ def ppo_value_loss(
         _check_rows(name, t, values.shape)
     counts = _check_agg(agg, num_tokens, num_seqs, loss_scale)
     loss, clip_frac, value_mean = _ValueLoss.apply(
-        values, (old_values, returns, mask), agg, counts, None if clip is None else float(clip)
+        values, (old_values, returns, mask), _needs_grad(values), agg, counts, None if clip is None else float(clip)
     )
     return loss, {"clip_frac": clip_frac, "value_mean": value_mean}
 
