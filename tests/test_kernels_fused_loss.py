@@ -585,3 +585,16 @@ def test_fused_loss_is_its_own_tensor_not_a_view(inplace_grad):
         loss.backward()
         grads.append(param.grad)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_inplace_gradient_is_a_plain_tensor():
+    """The in-place path hands out the logits buffer as the gradient, detached: like any autograd gradient it does
+    not require grad and can be updated in place."""
+    batch = make_batch(seed=45)
+    x = batch["logits"].detach().clone().requires_grad_(True) * 1.0  # non-leaf: the in-place path
+    loss, _ = ops.fused_ppo_loss(x, batch["labels"], batch["old_logp"], batch["advantages"], batch["mask"],
+                                 inplace_grad=True)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert grad.data_ptr() == x.data_ptr()  # it really was the in-place path
+    assert not grad.requires_grad
+    grad.mul_(2.0)

@@ -302,7 +302,9 @@ class _FusedPPOLossFunction(torch.autograd.Function):
                 return None, None, None
             # Rescales only when the upstream gradient is not 1, decided on the device (no sync).
             launch_scale_rows(grad, g_loss, t_inner=ctx.steps)
-            return grad, None, None
+            # Detached: the buffer is the logits tensor itself, which requires grad; a gradient handed out must not
+            # (a hook or autograd.grad caller would get a tensor that refuses in-place updates).
+            return grad.detach(), None, None
         if g_loss is None:
             return None, None, None
         logits3, work, lse, ent, g_logp, g_ent = ctx.saved_tensors
