@@ -598,3 +598,24 @@ def test_inplace_gradient_is_a_plain_tensor():
     assert grad.data_ptr() == x.data_ptr()  # it really was the in-place path
     assert not grad.requires_grad
     grad.mul_(2.0)
+
+
+def test_second_call_on_overwritten_logits_is_refused():
+    """After an in-place call the buffer holds gradients: reading it again as logits is refused (not silently
+    wrong), through any view of it; new values written into the buffer make it logits again."""
+    batch = make_batch(seed=46)
+    args = (batch["labels"], batch["old_logp"], batch["advantages"], batch["mask"])
+    base = batch["logits"].detach().clone().requires_grad_(True)
+    padded = torch.cat([base, base[:, :1]], dim=1)  # a model output with one position too many
+    loss, _ = ops.fused_ppo_loss(padded[:, :-1], *args, inplace_grad=True)
+    loss.backward()
+    with pytest.raises(ValueError, match=r"logits: expected logits, got a buffer that holds the gradient"):
+        ops.fused_ppo_loss(padded[:, :-1], *args, inplace_grad=True)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"logits: expected logits"):
+        ops.fused_ppo_loss(padded[:, :-1], *args)
+    with torch.no_grad():
+        padded.copy_(torch.cat([batch["logits"], batch["logits"][:, :1]], dim=1))  # fresh logits, same buffer
+    ops.fused_ppo_loss(padded[:, :-1], *args, inplace_grad=True)
+    out_of_place = batch["logits"].detach().clone().requires_grad_(True) * 1.0
+    for _ in range(2):  # the out-of-place path leaves the logits alone: no refusal
+        torch.autograd.grad(ops.fused_ppo_loss(out_of_place, *args, inplace_grad=False)[0], out_of_place)

@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._autograd import first_order_only
 from ._ppo_math import ESTIMATOR_CODES, kl_token, policy_token_loss
@@ -246,6 +247,24 @@ def _has_internal_overlap(x: torch.Tensor) -> bool:
     return False
 
 
+# Buffers an in-place call filled with gradients: base tensor -> its version counter right after. Reading such a
+# buffer again as logits (a second call on the same logits) would be silently wrong, so it is refused.
+_OVERWRITTEN = WeakIdKeyDictionary()
+
+
+def _base(t: torch.Tensor) -> torch.Tensor:
+    return t._base if t._is_view() else t
+
+
+def _check_not_overwritten(logits3: torch.Tensor) -> None:
+    base = _base(logits3)
+    if _OVERWRITTEN.get(base) == base._version:
+        raise ValueError(
+            "logits: expected logits, got a buffer that holds the gradient written by an earlier "
+            "fused_ppo_loss(inplace_grad=True) call; recompute the logits, or pass inplace_grad=False to keep them"
+        )
+
+
 def _can_write_gradient_inplace(logits3: torch.Tensor) -> bool:
     """Whether the gradient may overwrite ``logits3`` (see ``fused_ppo_loss``); host-side metadata checks only."""
     if logits3.dtype == torch.float16:
@@ -272,6 +291,7 @@ class _FusedPPOLossFunction(torch.autograd.Function):
             # raises autograd's "modified by an inplace operation" error instead of using the gradient as logits.
             # The buffer is kept on ctx, not saved, so this node's own backward does not trip that check.
             torch.autograd.graph.increment_version(logits3)
+            _OVERWRITTEN[_base(logits3)] = _base(logits3)._version
             ctx.grad_buffer = logits3
             ctx.backward_done = False
         else:
@@ -388,6 +408,7 @@ def fused_ppo_loss(
         agg=agg,
         counts=_check_agg(agg, num_tokens, num_seqs, loss_scale),
     )
+    _check_not_overwritten(logits3)
     if torch.is_grad_enabled() and logits.requires_grad:
         inplace = bool(inplace_grad) and _can_write_gradient_inplace(logits3)
         outs = _FusedPPOLossFunction.apply(logits3, inplace, kwargs)
