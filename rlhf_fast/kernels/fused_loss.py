@@ -375,7 +375,8 @@ def fused_ppo_loss(
     bumped, so another node that saved ``logits`` (or a view of its storage) for its own backward raises
     autograd's "modified by an inplace operation" error rather than using the gradient as logits; pass
     ``inplace_grad=False`` then. The node supports a single backward: a second one (``retain_graph=True``)
-    raises. The out-of-place path is taken instead, whatever ``inplace_grad`` says, for
+    raises, and so does a second call on the overwritten buffer (through any view of it) until new values are
+    written into it. The out-of-place path is taken instead, whatever ``inplace_grad`` says, for
 
     - float16 logits: the gradient would be rounded to fp16 before a loss scale (GradScaler) multiplies it, so
       small entries would flush to zero. bfloat16 and float32 keep the in-place path: they have float32's
