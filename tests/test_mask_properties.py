@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlhf_fast import ops
-from rlhf_fast.kernels._weights import token_weights
+from rlhf_fast.kernels import losses as kernel_losses
 from rlhf_fast.reference import AGG_MODES, aggregate
 
 
@@ -62,10 +62,19 @@ def test_gae_matches_definition_and_ignores_masked_values(batch, gamma, lam, bac
 
 @settings(max_examples=80, deadline=None)
 @given(masked_batch(), st.sampled_from(AGG_MODES))
-def test_token_weights_equal_aggregate_for_any_mask(batch, agg):
+def test_kernel_value_loss_aggregates_like_the_definition_for_any_mask(batch, agg):
+    """Every agg mode of the loss kernels (finalize: per-row factors) against ``aggregate`` of the per-token
+    definition, for any mask, with the gradient (unclipped value loss: per-token loss 0.5 (v - R)^2)."""
     rows, steps, mask, gen = batch
-    losses = torch.randn(rows, steps, generator=gen)
-    torch.testing.assert_close((losses * token_weights(mask, agg)).sum(), aggregate(losses, mask, agg))
+    values = torch.randn(rows, steps, generator=gen, dtype=torch.float64).float().requires_grad_(True)
+    returns = torch.randn(rows, steps, generator=gen)
+    loss, _ = kernel_losses.ppo_value_loss(values, values.detach(), returns, mask, clip=None, agg=agg)
+    v64 = values.detach().double().requires_grad_(True)
+    want = aggregate(0.5 * (v64 - returns.double()) ** 2, mask, agg)
+    torch.testing.assert_close(loss.double(), want, atol=1e-6, rtol=1e-5)
+    (grad,) = torch.autograd.grad(loss, values)
+    (want_grad,) = torch.autograd.grad(want, v64)
+    torch.testing.assert_close(grad.double(), want_grad, atol=1e-6, rtol=1e-5)
 
 
 @settings(max_examples=40, deadline=None)
