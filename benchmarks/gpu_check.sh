@@ -8,6 +8,7 @@
 #   carry: [".whl"]   command: OUT=$OUT bash benchmarks/gpu_check.sh   timeout_s: 420
 # or, to also time the launch-config candidates of benchmarks/tune_gpu.py (about 3 more minutes):
 #   carry: [".whl"]   command: GPU_CHECK_TUNE=1 OUT=$OUT bash benchmarks/gpu_check.sh   timeout_s: 600
+# (GPU_CHECK_PPO=1 adds an end-to-end PPO update / step, kernels vs torch, up to 150 s more.)
 # Without .whl/ the peers are missing from the tables (each family says so), nothing else changes.
 #
 # Leaves in $OUT three files: summary.md (versions, the GPU, the GPU test result, every family's table, the peers
@@ -16,13 +17,15 @@
 # own time limit, all of them inside one budget, so a slow step (a long compile, say) cannot cost the others their
 # numbers, and a failed step never stops the run. Exit code 0 when every step passed, else 1 (143 after a TERM).
 # Switches: GPU_CHECK_BUDGET_S (default 300, plus 180 with GPU_CHECK_TUNE=1: seconds for the whole run),
-# GPU_CHECK_TUNE=1 (run benchmarks/tune_gpu.py last, its table in summary.md), GPU_CHECK_QUICK=1 (benchmarks in --quick
+# GPU_CHECK_TUNE=1 (run benchmarks/tune_gpu.py last, its table in summary.md), GPU_CHECK_PPO=1 (one PPO update
+# and step end to end, kernels vs RLHF_FAST_BACKEND=torch: benchmarks/bench_ppo_step.py; +150 s), GPU_CHECK_QUICK=1 (benchmarks in --quick
 # mode: a bookkeeping check on a CPU machine), GPU_CHECK_BUILD=0 (no pip install -e: the source tree is imported),
 # GPU_CHECK_WHEELS (default .whl), GPU_CHECK_WORK (default: a new temp dir).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 TUNE=${GPU_CHECK_TUNE:-0}
-BUDGET=${GPU_CHECK_BUDGET_S:-$((TUNE == 1 ? 480 : 300))}
+PPO=${GPU_CHECK_PPO:-0}
+BUDGET=${GPU_CHECK_BUDGET_S:-$((300 + (TUNE == 1 ? 180 : 0) + (PPO == 1 ? 150 : 0)))}
 RESERVE=10  # seconds kept for the summary and the tarball
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
@@ -80,6 +83,9 @@ finish() {  # summary.md, gpu_tests.log and results.tar.gz in $OUT; runs on exit
     echo '```'
     tail -15 "$WORK/logs/gpu_tests.log" 2>/dev/null
     echo '```'
+    if [[ -f $WORK/ppo_step.csv ]]; then
+      printf '\n## PPO step end to end (bench_ppo_step.py)\n\n```\n%s\n```\n' "$(cat "$WORK/ppo_step.csv")"
+    fi
     if [[ -f $WORK/tune_gpu/tune_gpu.md ]]; then
       echo
       echo "## tune_gpu"
@@ -179,6 +185,11 @@ for family_limit in "${FAMILIES[@]}"; do
   step "bench_$family" "${family_limit##*:}" "$PY" benchmarks/run.py "${quick[@]}" --only "$family" \
     --out "$WORK/bench_$family"
 done
+if [[ $PPO == 1 ]]; then
+  preset=gpu
+  [[ ${GPU_CHECK_QUICK:-0} == 1 ]] && preset=cpu
+  step ppo_step 150 "$PY" benchmarks/bench_ppo_step.py --preset "$preset" --out "$WORK/ppo_step.csv"
+fi
 if [[ $TUNE == 1 ]]; then  # last: the issues' benchmarks above come first
   step tune_gpu 180 "$PY" benchmarks/tune_gpu.py "${quick[@]}" --budget-s 150 --out "$WORK/tune_gpu"
 fi
