@@ -132,6 +132,20 @@ def hidden_and_lm_head(
     return hidden, weight, bias
 
 
+def head_operands(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """``hidden``, ``weight`` and ``bias`` in the one dtype the LM head would run in: inside an autocast region,
+    the autocast dtype (as ``nn.Linear`` would run the head there: an fp32 model under bf16 autocast must not
+    take the fp32 kernels, which cannot use bf16 tensor cores); else the weight's (e.g. an fp32 final norm on a
+    low-precision head). The casts are differentiable: gradients reach the parameters in their own dtype."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+
+    def cast(t):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -146,11 +160,7 @@ def sequence_logprobs(
     from the hidden states, never from ``[B, T, V]`` logits. Differentiable in the model's parameters.
     Positions under padding (``attention_mask == 0``) get finite values the caller is expected to mask out.
     """
-    hidden, weight, bias = hidden_and_lm_head(model, input_ids, attention_mask, position_ids)
-    if hidden.dtype != weight.dtype:  # e.g. an fp32 final norm on a low-precision head
-        hidden = hidden.to(weight.dtype)
-    if bias is not None and bias.dtype != weight.dtype:
-        bias = bias.to(weight.dtype)
+    hidden, weight, bias = head_operands(*hidden_and_lm_head(model, input_ids, attention_mask, position_ids))
     return ops.linear_logprobs(
         hidden[:, :-1], weight, input_ids[:, 1:], bias=bias, temperature=temperature,
         return_entropy=return_entropy,
@@ -205,7 +215,7 @@ class FusedLinearLM(torch.nn.Module):
         if ppo_loss is None:
             return sequence_logprobs(self.lm, input_ids, attention_mask, temperature=temperature,
                                      return_entropy=return_entropy, position_ids=position_ids)
-        hidden, weight, bias = hidden_and_lm_head(self.lm, input_ids, attention_mask, position_ids)
+        hidden, weight, bias = head_operands(*hidden_and_lm_head(self.lm, input_ids, attention_mask, position_ids))
         return ops.fused_linear_ppo_loss(hidden[:, :-1], weight, input_ids[:, 1:], bias=bias,
                                          temperature=temperature, **ppo_loss)
 
@@ -262,14 +272,11 @@ class CausalLMWithValueHead(FusedLinearLM):
         if self.from_hidden:
             hidden, weight, bias = hidden_and_lm_head(self.lm, input_ids, attention_mask, position_ids)
             values = self._values(hidden)
+            hidden, weight, bias = head_operands(hidden, weight, bias)
             if ppo_loss is not None:
                 loss, stats = ops.fused_linear_ppo_loss(hidden[:, :-1], weight, labels, bias=bias,
                                                         temperature=temperature, **ppo_loss)
                 return loss, stats, values
-            if hidden.dtype != weight.dtype:  # as in sequence_logprobs
-                hidden = hidden.to(weight.dtype)
-            if bias is not None and bias.dtype != weight.dtype:
-                bias = bias.to(weight.dtype)
             return ops.linear_logprobs(hidden[:, :-1], weight, labels, bias=bias, temperature=temperature), values
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       output_hidden_states=True, use_cache=False)

@@ -242,3 +242,31 @@ def test_disable_dropout_makes_train_mode_deterministic(kind):
     torch.testing.assert_close(train_logits, model.eval()(input_ids=ids).logits, rtol=0, atol=0)
     rates = {k: v for k, v in vars(model.config).items() if "drop" in k and isinstance(v, float)}
     assert rates and set(rates.values()) == {0.0}, rates
+
+
+def test_head_runs_in_the_autocast_dtype(monkeypatch):
+    """Under autocast the fused head gets the autocast dtype, as nn.Linear would (an fp32 model under bf16
+    autocast must not take the fp32 kernels), for log-probs and for the PPO loss; gradients still reach the fp32
+    parameters. Outside autocast: the weight's dtype."""
+    model = _model(seed=3)
+    runner = FusedLinearLM(model)
+    seen = []
+    for name in ("linear_logprobs", "fused_linear_ppo_loss"):
+        real = getattr(ops, name)
+
+        def spy(hidden, weight, *args, _real=real, **kwargs):
+            seen.append((hidden.dtype, weight.dtype))
+            return _real(hidden, weight, *args, **kwargs)
+
+        monkeypatch.setattr(ops, name, spy)
+    ids = _ids(4)
+    zeros = torch.zeros(B, T - 1)
+    ppo = dict(old_logp=zeros, advantages=torch.ones(B), mask=torch.ones(B, T - 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sequence_logprobs(model, ids).sum().backward()
+        runner(ids, ppo_loss=ppo)[0].backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 2
+    assert model.lm_head.weight.grad.dtype == torch.float32 and model.lm_head.weight.grad.abs().sum() > 0
+    seen.clear()
+    sequence_logprobs(model, ids)
+    assert seen == [(torch.float32, torch.float32)]
