@@ -198,8 +198,8 @@ def fused_forward(
     """Launch the statistics pass over ``logits3[R, T, V]`` (last dimension contiguous) and the finalize.
 
     Per-token inputs are ``[R, T]`` with any strides; ``counts`` = ``(num_tokens, num_seqs, loss_scale)`` as
-    floats (0 = from the batch). Returns ``out`` (float32 ``[1 + NSTAT]``: the loss, then the statistics in slot
-    order), ``work`` (the workspace; ``f_r`` in its first ``R`` entries) and, with ``need_grad``, the per-token
+    floats (0 = from the batch). Returns ``loss`` (float32, 0-d), ``stats`` (float32 ``[NSTAT]`` in slot order),
+    ``work`` (the workspace; ``f_r`` in its first ``R`` entries) and, with ``need_grad``, the per-token
     ``lse``, ``ent``, ``g_logp``, ``g_ent`` (``ent`` / ``g_ent`` None when the entropy is not in the loss).
     """
     rows, steps, vocab = logits3.shape
@@ -269,8 +269,7 @@ def _can_write_gradient_inplace(logits3: torch.Tensor) -> bool:
     """Whether the gradient may overwrite ``logits3`` (see ``fused_ppo_loss``); host-side metadata checks only."""
     if logits3.dtype == torch.float16:
         return False  # the upstream gradient (loss scale) must be applied before rounding to fp16
-    base = logits3._base if logits3._is_view() else logits3
-    if base.is_leaf:
+    if _base(logits3).is_leaf:
         return False  # the leaf's data would be overwritten and its .grad would alias it
     return not _has_internal_overlap(logits3)
 
@@ -291,7 +290,8 @@ class _FusedPPOLossFunction(torch.autograd.Function):
             # raises autograd's "modified by an inplace operation" error instead of using the gradient as logits.
             # The buffer is kept on ctx, not saved, so this node's own backward does not trip that check.
             torch.autograd.graph.increment_version(logits3)
-            _OVERWRITTEN[_base(logits3)] = _base(logits3)._version
+            base = _base(logits3)
+            _OVERWRITTEN[base] = base._version
             ctx.grad_buffer = logits3
             ctx.backward_done = False
         else:

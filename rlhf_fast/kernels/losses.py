@@ -298,8 +298,8 @@ def _strides(t: torch.Tensor):
 
 
 def launch_finalize(
-    work: torch.Tensor, loss: torch.Tensor, stats: torch.Tensor, R: int, G: int, P: int, T: int, agg: str, counts, nstat: int, *,
-    tile: int = TILE, block_p: int = STAT_BLOCK, num_warps: int = 4,
+    work: torch.Tensor, loss: torch.Tensor, stats: torch.Tensor, R: int, G: int, P: int, T: int, agg: str, counts,
+    nstat: int, *, tile: int = TILE, block_p: int = STAT_BLOCK, num_warps: int = 4,
 ) -> None:
     """The single-program finalize over a workspace laid out as in the module docstring (``G`` row partials per
     row, ``P`` partials per statistic); ``counts`` = ``(num_tokens, num_seqs, loss_scale)`` floats, 0 = from the
