@@ -234,15 +234,37 @@ def test_batch_invariance_bitwise(dtype):
         (logp * g[rows] + 0.5 * ent).sum().backward()
         return logp, ent, h.grad, w.grad
 
+    if not _dot_is_row_invariant():
+        # The interpreter runs tl.dot as an fp32 numpy.matmul, whose BLAS may round a row differently by its place
+        # in the tile (OpenBLAS's Haswell sgemm does on AMD EPYC): bitwise equality is then the BLAS's property,
+        # not the kernel's. The rows must still agree to rounding; on a GPU (and other CPUs) they stay bitwise.
+        def same(a, b):
+            return torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    else:
+        same = torch.equal
+
     full = run(slice(0, 45))
     for i in (0, 5, 16, 44):
         alone = run(slice(i, i + 1))
         for a, b, name in zip(alone[:3], full[:3], ("logp", "entropy", "d_hidden")):
-            assert torch.equal(a, b[i : i + 1]), f"{name} of token {i} changed with the batch"
+            assert same(a, b[i : i + 1]), f"{name} of token {i} changed with the batch"
     # a sub-batch at an offset that moves every token to another place in its block
     part = run(slice(3, 30))
     for a, b, name in zip(part[:3], full[:3], ("logp", "entropy", "d_hidden")):
-        assert torch.equal(a, b[3:30]), f"{name} changed between a batch of 27 and a batch of 45"
+        assert same(a, b[3:30]), f"{name} changed between a batch of 27 and a batch of 45"
+
+
+def _dot_is_row_invariant() -> bool:
+    """Whether this platform's ``tl.dot`` (fp32 accumulation) gives a row the same bits wherever it sits in a
+    16-row tile."""
+    if torch.cuda.is_available():
+        return True
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((16, 32), dtype=np.float32), rng.standard_normal((32, 32), dtype=np.float32)
+    first = (a @ b)[0]
+    return all(np.array_equal(first, (np.roll(a, r, axis=0) @ b)[r]) for r in range(16))
     again = run(slice(0, 45))
     assert torch.equal(again[3], full[3]), "d_weight is not reproducible"
 
