@@ -78,8 +78,19 @@ def check_same_device(named: dict) -> None:
 
 
 def check_option(name: str, value, allowed: Sequence) -> None:
+    """``value`` must be one of ``allowed``; a misspelt string gets a did-you-mean hint."""
     if value not in allowed:
-        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}{did_you_mean(value, allowed)}")
+
+
+def did_you_mean(value, choices: Iterable) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a string ``value``, else ``''``."""
+    import difflib
+
+    if not isinstance(value, str):
+        return ""
+    close = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_number(

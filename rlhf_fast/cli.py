@@ -34,16 +34,24 @@ def _add_training_commands(commands) -> None:
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1)")
 
 
+# exit status: 0 done, 1 a bug of ours (with its traceback), USER_ERROR a config, data, checkpoint or output
+# directory to fix, NonFiniteError.exit_code (3) a run stopped by a NaN / inf loss, gradient norm or reward
+USER_ERROR = 2
+
+
 def _run_training(stage: str, config_path: str) -> int:
+    from .trainers.errors import UserError
     from .trainers.from_config import build_trainer
 
-    try:  # configuration and data problems are the user's to fix: one clear line, no traceback
-        trainer = build_trainer(stage, config_path)
-    except (FileNotFoundError, ValueError, TypeError) as error:
-        print(f"rlhf-fast {stage}: error: {error}", file=sys.stderr)
-        return 2
     try:
-        trainer.train()
+        try:  # building checks the config, data, models and checkpoint: what fails here is the user's to fix
+            trainer = build_trainer(stage, config_path)
+        except (FileNotFoundError, ValueError, TypeError) as error:
+            return _user_error(stage, error, getattr(error, "exit_code", USER_ERROR))
+        try:
+            trainer.train()
+        except UserError as error:  # raised on purpose while training (a NaN, a damaged file): one line
+            return _user_error(stage, error, error.exit_code)
     finally:  # under torchrun: leave the process group cleanly (NCCL warns otherwise)
         import torch.distributed as dist
 
@@ -52,6 +60,12 @@ def _run_training(stage: str, config_path: str) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"rlhf-fast {stage}: done; metrics and checkpoints in {trainer.args.output_dir}")
     return 0
+
+
+def _user_error(stage: str, error: Exception, code: int) -> int:
+    message = " ".join(str(error).split())  # one line, whatever the message holds
+    print(f"rlhf-fast {stage}: error: {message}", file=sys.stderr)
+    return code
 
 
 def _run_demo(args) -> int:

@@ -4,15 +4,17 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from typing import Iterable
 
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, guards
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainingConfig
-from .metrics import MetricsLogger, plot_metrics
+from .errors import NonFiniteError
+from .metrics import MetricsLogger, format_metric, plot_metrics
 
 
 def seed_everything(seed: int) -> None:
@@ -39,6 +41,7 @@ class BaseTrainer:
         self.dist = distributed.setup(args.distributed, device=args.device, bf16=args.bf16)
         self.device = self.dist.device
         self.global_step = 0
+        self.nonfinite_skips = 0  # optimizer steps skipped for a NaN / inf loss or gradient norm (on_nonfinite: skip)
         self.models: dict[str, torch.nn.Module] = {}
         self.wrapped: dict[str, torch.nn.Module] = {}
         seed_everything(args.seed + self.dist.rank)  # ranks sample different rollouts; rank 0 = one process
@@ -72,12 +75,29 @@ class BaseTrainer:
                                        num_training_steps=max(1, num_training_steps))
         self.num_training_steps = num_training_steps
 
-    def optimizer_step(self, parameters: list[torch.nn.Parameter]) -> torch.Tensor:
-        """Clip, step, schedule, zero; returns the pre-clip (global) gradient norm as a 0-d tensor on the
-        gradients' device (no host sync: the caller reads it when it logs)."""
+    def optimizer_step(self, parameters: list[torch.nn.Parameter], loss=None) -> torch.Tensor:
+        """Clip, check, step, schedule, zero; returns the pre-clip (global) gradient norm as a 0-d tensor.
+
+        ``loss``: the step's loss (the same on every rank). A NaN or infinite loss or gradient norm (one host read
+        per step) stops the run with ``NonFiniteError`` before the weights change, or with ``on_nonfinite: skip``
+        skips the update (the schedule still advances; the skip is warned about and counted in
+        ``nonfinite_skips``)."""
         norm = self.dist.clip_grad_norm(parameters, self.args.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        problem = guards.nonfinite_step(norm, loss)
+        if problem is None:
+            self.optimizer.step()
+        elif self.args.on_nonfinite == "skip":
+            self.nonfinite_skips += 1
+            warnings.warn(f"step {self.global_step + 1}: {problem}; the update is skipped "
+                          f"({self.nonfinite_skips} skipped so far, on_nonfinite: skip)", stacklevel=2)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"step {self.global_step + 1}: {problem}; stopped before the update (the weights "
+                                 "are those of the previous step). Lower learning_rate or max_grad_norm, check the "
+                                 "data and rewards, or set on_nonfinite: skip to skip such steps")
+        with warnings.catch_warnings():  # a skipped first step: torch warns that the schedule runs ahead
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
 
@@ -86,6 +106,11 @@ class BaseTrainer:
         if self.device.type == "cuda" and self.args.bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    @staticmethod
+    def show(bar, **values) -> None:
+        """Progress-bar postfix; NaN and infinities print as such."""
+        bar.set_postfix({key: format_metric(value) for key, value in values.items()})
 
     def progress(self, total: int, initial: int, description: str):
         from tqdm.auto import tqdm
@@ -97,11 +122,12 @@ class BaseTrainer:
     # ---- checkpoints ----------------------------------------------------------------------------------------
     def checkpoint_extra(self) -> dict:
         """Trainer-specific state to checkpoint beside optimizer / scheduler / RNG (subclasses extend)."""
-        return {"history": list(self.logger.history)}
+        return {"history": list(self.logger.history), "nonfinite_skips": self.nonfinite_skips}
 
     def restore_extra(self, extra: dict) -> None:
         # metrics.jsonl (rank 0) is rewritten with the checkpoint's records: the resumed steps are not logged twice
         self.logger.restart(self.global_step, extra.get("history"))
+        self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
 
     def save_checkpoint(self, path: str | None = None) -> str:
         path = path or os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
@@ -130,6 +156,8 @@ class BaseTrainer:
         self.logger.close()
 
     def log(self, metrics: dict) -> dict:
+        if self.nonfinite_skips:
+            metrics = {**metrics, "nonfinite_skips": self.nonfinite_skips}
         return self.logger.log(metrics, self.global_step)
 
 

@@ -6,12 +6,21 @@ ports by changing the import. Every field is documented in docs/trainers.md.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from .._validation import check_option, did_you_mean
+from ..reference.losses import AGG_MODES
+
+# transformers.get_scheduler names that need nothing but warmup and the step count (the others need
+# lr_scheduler_kwargs or a metric at every step)
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+REPORTERS = ("jsonl", "tensorboard")  # metric sinks; report_to: none (or []) writes none
+NONFINITE_POLICIES = ("error", "skip")
 
 
 @dataclass
@@ -45,16 +54,29 @@ class TrainingConfig:
     disable_tqdm: bool = False
     device: Optional[str] = None  # default: cuda (this rank's LOCAL_RANK) when available, else cpu
     distributed: str = "auto"  # auto (ddp when torchrun starts > 1 process) | none | ddp | fsdp2; docs/distributed.md
+    on_nonfinite: str = "error"  # a NaN / inf loss or gradient norm: "error" stops the run, "skip" skips the step
 
     def __post_init__(self) -> None:
         _coerce_types(self)  # YAML reads 1e-5 as the string '1e-5': coerce, or refuse naming the field
-        _check_positive(self, "learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
-                        "gradient_accumulation_steps", "max_length", "logging_steps")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio: expected a value in [0, 1], got {self.warmup_ratio}")
+        _check_ranges(self, {
+            "seed": "[0, 9223372036854775807]", "learning_rate": "(0, inf)", "weight_decay": "[0, inf)",
+            "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_epsilon": "(0, inf)", "warmup_ratio": "[0, 1]",
+            "warmup_steps": "[0, inf)", "max_grad_norm": "(0, inf)", "num_train_epochs": "[0, inf)",
+            "per_device_train_batch_size": "[1, inf)", "per_device_eval_batch_size": "[1, inf)",
+            "gradient_accumulation_steps": "[1, inf)", "max_length": "[1, inf)", "logging_steps": "[1, inf)",
+            "save_steps": "[0, inf)",
+        })
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_train_epochs > 0")
-        _check_choice(self, "distributed", ("auto", "none", "ddp", "fsdp2"))
+        check_option("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        check_option("distributed", self.distributed, ("auto", "none", "ddp", "fsdp2"))
+        check_option("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        self.report_to = _check_report_to(self.report_to)
+        _check_output_dir(self.output_dir)
+        if self.resume_from is not None and self.resume_from != "latest" and not os.path.isdir(self.resume_from):
+            raise ValueError(f"resume_from: no checkpoint directory at {self.resume_from!r} (expected a "
+                             "checkpoint-N directory, 'latest' or null)")
+        _check_device(self.device)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainingConfig":
@@ -62,9 +84,7 @@ class TrainingConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in values:
             if key not in names:
-                hint = difflib.get_close_matches(key, names, n=1)
-                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-                raise ValueError(f"{source}: unknown {cls.__name__} key {key!r}{suggestion}; "
+                raise ValueError(f"{source}: unknown {cls.__name__} key {key!r}{did_you_mean(key, names)}; "
                                  f"valid keys: {', '.join(sorted(names))}")
         return cls(**values)
 
@@ -88,6 +108,10 @@ class RewardConfig(TrainingConfig):
     center_rewards_coefficient: Optional[float] = None  # adds coef * mean((r_c + r_r)^2) (Eisenstein et al.)
     eval_steps: int = 0  # 0: evaluate at the end only (with an eval_dataset); > 0: also every eval_steps steps
     disable_dropout: bool = True  # dropout off in the reward model (p = 0 in every dropout module and config field)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_ranges(self, {"center_rewards_coefficient": "[0, inf)", "eval_steps": "[0, inf)"})
 
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
@@ -145,22 +169,26 @@ class PPOConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(self, "response_length", "temperature", "num_generations", "num_ppo_epochs",
-                        "num_mini_batches", "max_tokens_per_micro_batch")
-        _check_choice(self, "advantage_estimator", ADVANTAGE_ESTIMATORS)
-        _check_choice(self, "kl_penalty", KL_PENALTY_MODES)
-        _check_choice(self, "critic", CRITICS)
+        _check_ranges(self, {
+            "response_length": "[1, inf)", "temperature": "(0, inf)", "top_p": "(0, 1]", "top_k": "[0, inf)",
+            "missing_eos_penalty": "(-inf, inf)", "num_generations": "[1, inf)", "gamma": "[0, 1]", "lam": "[0, 1]",
+            "kl_coef": "[0, inf)", "target_kl": "(0, inf)", "kl_horizon": "[1, inf)", "num_ppo_epochs": "[1, inf)",
+            "num_mini_batches": "[1, inf)", "cliprange": "[0, 1]", "cliprange_high": "[0, inf)",
+            "dual_clip": "(1, inf)", "cliprange_value": "(0, inf)", "vf_coef": "[0, inf)",
+            "entropy_coef": "(-inf, inf)", "max_tokens_per_micro_batch": "[1, inf)", "eval_steps": "[0, inf)",
+        })
+        check_option("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        check_option("kl_penalty", self.kl_penalty, KL_PENALTY_MODES)
+        check_option("critic", self.critic, CRITICS)
+        check_option("stop_token", self.stop_token, ("eos", None))
+        check_option("loss_agg", self.loss_agg, AGG_MODES)
         if self.critic == "value_head" and self.advantage_estimator != "gae":
             raise ValueError(f"critic='value_head' needs advantage_estimator='gae' (got "
                              f"{self.advantage_estimator!r}, which uses no critic); drop critic or use 'gae'")
-        _check_choice(self, "kl_estimator", ("k1", "k2", "k3"))
+        check_option("kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         if self.advantage_estimator in ("grpo", "rloo") and self.num_generations < 2:
             raise ValueError(f"advantage_estimator={self.advantage_estimator!r} needs num_generations >= 2, "
                              f"got {self.num_generations}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: expected a value in (0, 1], got {self.top_p}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef: expected >= 0, got {self.kl_coef}")
         self.check_mini_batches(int(os.environ.get("WORLD_SIZE", "1")))
 
     def check_mini_batches(self, world_size: int) -> None:
@@ -255,14 +283,81 @@ def _article(label: str) -> str:
     return "an" if label[:1] in "aeiou" else "a"
 
 
-def _check_positive(config, *names: str) -> None:
-    for name in names:
+_RANGE_HINTS = {"max_grad_norm": " (null turns clipping off)", "save_steps": " (0: save only at the end)"}
+
+
+def _check_ranges(config, ranges: dict[str, str]) -> None:
+    """Each field in its interval, written as in maths: ``"(0, inf)"``, ``"[0, 1)"``. NaN is in none, and an
+    infinity only where a bound says ``inf]``. ``None`` passes (type checking has refused it where not Optional)."""
+    for name, interval in ranges.items():
         value = getattr(config, name)
-        if not value > 0:
-            raise ValueError(f"{name}: expected a positive value, got {value!r}")
+        if value is not None and not _in_interval(value, interval):
+            raise ValueError(f"{name}: expected a value in {interval}, got {value!r}{_RANGE_HINTS.get(name, '')}")
 
 
-def _check_choice(config, name: str, choices) -> None:
-    value = getattr(config, name)
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+def _in_interval(value, interval: str) -> bool:
+    low, high = (_number(bound) for bound in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    return above and below
+
+
+def _number(text: str):
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _check_report_to(report_to: list) -> list:
+    """Known sinks only; ``none`` alone (or ``[]``) for none. Others (wandb, mlflow, ...) are refused by name
+    rather than silently ignored."""
+    if report_to == ["none"]:
+        return []
+    for sink in report_to:
+        if sink not in REPORTERS:
+            raise ValueError(f"report_to: {sink!r} is not supported{did_you_mean(sink, REPORTERS)}; supported: "
+                             f"{list(REPORTERS)}, or 'none' (metrics.jsonl and trainer.logger.history hold every "
+                             "logged value)")
+    return report_to
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """``output_dir`` exists as a directory, or can be created: its nearest existing ancestor is a writable
+    directory. Nothing is created here."""
+    if not output_dir:
+        raise ValueError("output_dir: expected a directory path, got ''")
+    target = os.path.abspath(output_dir)
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing == target and not os.path.isdir(target):
+        raise ValueError(f"output_dir: {output_dir!r} exists and is not a directory")
+    if not os.path.isdir(existing):
+        raise ValueError(f"output_dir: cannot create {output_dir!r}: {existing!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir: cannot create or write {output_dir!r}: no write permission in {existing!r}")
+
+
+def _check_device(device: Optional[str]) -> None:
+    """A device string torch parses, of a kind these trainers run on, present on this machine."""
+    if device is None:
+        return
+    import torch
+
+    expected = "expected 'cpu', 'cuda', 'cuda:N', 'mps' or null (cuda when available, else cpu)"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device: {expected}, got {device!r}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r}, but CUDA is not available on this machine; use 'cpu' or null")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device: {device!r}, but MPS is not available on this machine; use 'cpu' or null")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device: {expected}, got {device!r}")

@@ -9,6 +9,7 @@ A dataset is any sized, indexable sequence of such dicts: a list, or a Hugging F
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Sequence
 
@@ -51,8 +52,11 @@ def check_record(record: Any, kind: str, *, where: str) -> dict[str, Any]:
             raise ValueError(f"{where}: missing field {name!r} (the {kind} schema needs {list(fields)})")
         if not isinstance(record[name], str):
             raise ValueError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
-    if "margin" in record and not isinstance(record["margin"], (int, float)):
-        raise ValueError(f"{where}: field 'margin' must be a number, got {type(record['margin']).__name__}")
+    margin = record.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise ValueError(f"{where}: field 'margin' must be a number, got {type(margin).__name__}")
+    if not math.isfinite(margin):  # Python's JSON reads NaN and Infinity; one NaN margin makes every weight NaN
+        raise ValueError(f"{where}: field 'margin' must be a finite number, got {margin}")
     return record
 
 
@@ -61,7 +65,8 @@ def check_dataset(dataset: Sequence[dict], kind: str, name: str) -> Sequence[dic
         raise ValueError(f"{name}: a dataset is required")
     if len(dataset) == 0:
         raise ValueError(f"{name}: the dataset is empty")
-    check_record(dataset[0], kind, where=f"{name}[0]")
+    for index, record in enumerate(dataset):  # every row: a bad one late in the data would stop a long run
+        check_record(record, kind, where=f"{name}[{index}]")
     return dataset
 
 

@@ -17,6 +17,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from .._validation import check_option
+
 STRATEGIES = ("auto", "none", "ddp", "fsdp2")
 
 
@@ -155,8 +157,7 @@ def setup(strategy: str = "auto", *, device: Optional[str] = None, bf16: bool = 
     ``strategy``: ``auto`` (DDP when the world has more than one process, else none), ``none``, ``ddp`` or
     ``fsdp2``. ``none`` in a multi-process world is refused: each process would train its own model.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"distributed: expected one of {list(STRATEGIES)}, got {strategy!r}")
+    check_option("distributed", strategy, STRATEGIES)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if strategy == "auto":
         strategy = "ddp" if world > 1 else "none"

@@ -11,14 +11,16 @@ The file is one flat mapping: the path keys below plus any field of the stage's 
     value_model: ./my-rm           # ppo only, optional, default: reward_model (gae with critic: separate only)
     learning_rate: 1.0e-6          # ...any SFTConfig / RewardConfig / PPOConfig field
 
-Relative paths (also ``output_dir`` and ``resume_from``) are relative to the YAML file.
+Relative paths (also ``output_dir`` and ``resume_from``) are relative to the YAML file. A key given twice is
+refused (YAML itself would keep the last value silently).
 """
 from __future__ import annotations
 
-import difflib
+import collections.abc
 import os
 from typing import Any
 
+from .._validation import did_you_mean
 from .config import PPOConfig, RewardConfig, SFTConfig
 from .data import load_jsonl
 
@@ -42,9 +44,13 @@ def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as handle:
         try:
-            raw = yaml.safe_load(handle) or {}
+            raw = yaml.load(handle, Loader=_strict_loader()) or {}
+        except _DuplicateKey as error:
+            raise ValueError(f"{path}:{error}") from None
         except yaml.YAMLError as error:
-            raise ValueError(f"{path}: invalid YAML ({error})") from None
+            raise ValueError(f"{path}: invalid YAML ({' '.join(str(error).split())})") from None
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of keys to values, got {type(raw).__name__}")
     config_cls = STAGES[stage]
@@ -52,9 +58,7 @@ def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
     known = set(PATH_KEYS[stage]) | field_names
     for key in raw:
         if key not in known:
-            hint = difflib.get_close_matches(str(key), sorted(known), n=1)
-            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ValueError(f"{path}: unknown key {key!r} for `rlhf-fast {stage}`{suggestion}")
+            raise ValueError(f"{path}: unknown key {key!r} for `rlhf-fast {stage}`{did_you_mean(key, sorted(known))}")
     for key in REQUIRED[stage]:
         if not raw.get(key):
             raise ValueError(f"{path}: missing required key {key!r} for `rlhf-fast {stage}`")
@@ -76,6 +80,29 @@ def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
         raise ValueError(f"{path}: value_model cannot be used with critic: value_head (the critic is a head on "
                          "the policy); remove value_model, or set critic: separate")
     return paths, config
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _strict_loader():
+    """PyYAML's SafeLoader, refusing a mapping key given twice (naming both lines)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, collections.abc.Hashable) and key in seen:
+                    raise _DuplicateKey(f"{line}: duplicate key {key!r} (first given on line {seen[key]}); "
+                                        "give each key once")
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
 
 
 def _resolve(base: str, value) -> str:

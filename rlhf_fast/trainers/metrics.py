@@ -81,6 +81,20 @@ def _plain(value):
     return value
 
 
+def format_metric(value, spec: str = ".3f") -> str:
+    """``value`` for a progress bar: a number with ``spec``; NaN, infinities (also as the strings a record holds)
+    and other values as they are."""
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return str(value)
+
+
 def plot_metrics(history: list[dict], path: str, keys: Optional[list[str]] = None, title: str = "") -> Optional[str]:
     """One small panel per metric against ``step``; returns the PNG path, or None without matplotlib."""
     try:

@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import ops
-from . import distributed
+from . import distributed, guards
 from .base import BaseTrainer
 from .config import PPOConfig
 from .data import check_dataset, encode_prompt, pad_right, pad_token_id, truncate_left
@@ -110,6 +110,7 @@ class PPOTrainer(BaseTrainer):
             if eval_dataset is not None else None
         self.eval_prompt_ids = (self._encode_prompts(self.eval_prompts, "eval_dataset")
                                 if self.eval_prompts is not None else None)
+        self._check_lengths(model=model, ref_model=ref_model, reward_model=reward_model, value_model=self.value_model)
         self.callbacks = list(callbacks or [])
         self.kl_coef = args.kl_coef
         self.trainable = [p for m in self.models.values() for p in m.parameters() if p.requires_grad]
@@ -133,6 +134,20 @@ class PPOTrainer(BaseTrainer):
                              f"nothing to condition the response on ({len(empty)} such prompts); give every prompt "
                              "some text, or use a tokenizer with a BOS token")
         return ids
+
+    def _check_lengths(self, **models) -> None:
+        """Refuse, before the first rollout, sequences (longest prompt + response_length) that exceed the micro-batch
+        token budget or a model's position limit."""
+        args = self.args
+        longest = max(map(len, self.prompt_ids + (self.eval_prompt_ids or []))) + args.response_length
+        what = (f"max_length + response_length: the longest prompt (cut to max_length={args.max_length}) plus "
+                f"response_length={args.response_length}")
+        if longest > args.max_tokens_per_micro_batch:
+            raise ValueError(f"{what} is {longest} tokens, more than max_tokens_per_micro_batch="
+                             f"{args.max_tokens_per_micro_batch}; raise max_tokens_per_micro_batch or lower max_length "
+                             "or response_length")
+        guards.check_sequence_length({k: m for k, m in models.items() if isinstance(m, torch.nn.Module)}, longest,
+                                     what=what)
 
     def _steps_per_epoch(self) -> int:
         return max(1, len(self.prompts) // (self.args.per_device_train_batch_size * self.dist.world_size))
@@ -307,14 +322,15 @@ class PPOTrainer(BaseTrainer):
             def fn(i, a):
                 with self.autocast():
                     return last_token_scores(self.reward_scorer(i, a), a)
-            return self._per_token(fn, sequences, budget, per_sequence=True)
+            return guards.check_finite_scores(self._per_token(fn, sequences, budget, per_sequence=True),
+                                              source="reward_model")
         rows = sorted(i for micro in budget["micro_batches"] for i in micro)  # this rank's share of the calls
         scores = self.reward_model([prompts[i] for i in rows], [completions[i] for i in rows]) if rows else []
-        if len(scores) != len(rows):
-            raise ValueError(f"reward_model: the reward function returned {len(scores)} scores "
-                             f"for {len(rows)} completions")
+        scores = guards.check_reward_scores(
+            scores, len(rows), source=f"reward_model (reward function {guards.function_name(self.reward_model)!r})",
+            completions=[completions[i] for i in rows])
         out = torch.zeros(len(completions), dtype=torch.float32)
-        out[torch.tensor(rows, dtype=torch.long)] = torch.as_tensor(list(scores), dtype=torch.float32)
+        out[torch.tensor(rows, dtype=torch.long)] = scores
         return self.dist.all_reduce_sum(out).to(self.device)
 
     def _advantages(self, scores, kl, kl_coef, mask, values, response_lens):
@@ -419,6 +435,7 @@ class PPOTrainer(BaseTrainer):
             order = self.dist.broadcast_object(torch.randperm(batch)).tolist()
             for m in range(args.num_mini_batches):
                 minibatch = order[m * size:(m + 1) * size]
+                step_loss = torch.zeros((), device=self.device)  # this rank's shares of the minibatch loss
                 # every rank holds the whole experience, so these counts are already global
                 num_tokens = max(1.0, float(sum(exp["host_mask_counts"][i] for i in minibatch)))
                 micro_batches = self._plan([exp["host_lengths"][i] for i in minibatch])
@@ -436,7 +453,9 @@ class PPOTrainer(BaseTrainer):
                         loss_sums[key] = loss_sums[key] + contribution if key in loss_sums else contribution
                     if not placeholder:
                         weight_sum = weight_sum + tokens
-                grad_norms.append(self.optimizer_step(self.trainable))
+                        step_loss = step_loss + losses["pg_loss"] + args.vf_coef * losses.get("vf_loss", 0.0)
+                # the loss checked for finiteness: the minibatch loss, summed over ranks (one decision on all)
+                grad_norms.append(self.optimizer_step(self.trainable, loss=self.dist.all_reduce_sum(step_loss)))
         # one reduction: every rank has the same keys (placeholder passes register theirs with zeros)
         stat_keys, loss_keys = sorted(totals), sorted(loss_sums)
         packed = torch.stack([totals[k] for k in stat_keys] + [loss_sums[k] for k in loss_keys]
@@ -500,7 +519,7 @@ class PPOTrainer(BaseTrainer):
                 evaluated_at = self.global_step
             if self.global_step % self.args.logging_steps == 0 or last:
                 self.log(metrics)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
+            self.show(bar, reward=metrics["reward"], kl=metrics["kl"])
             bar.update(1)
             self.maybe_save()
         bar.close()

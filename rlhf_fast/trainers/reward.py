@@ -8,6 +8,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import guards
 from .base import BaseTrainer
 from .config import RewardConfig
 from .data import check_dataset, encode_completion, encode_prompt, pad_right, pad_token_id, truncate_left
@@ -30,6 +31,9 @@ class RewardTrainer(BaseTrainer):
         self.pad_id = pad_token_id(self.tokenizer)
         self.train_pairs = self._encode_all(train_dataset, "train_dataset")
         self.eval_pairs = self._encode_all(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        longest = max(len(ids) for pair in self.train_pairs + (self.eval_pairs or []) for ids in pair[:2])
+        guards.check_sequence_length({"model": model}, longest,
+                                     what=f"max_length: the longest prompt + response (cut to max_length={self.args.max_length})")
         # one micro-batch index = per_device_train_batch_size pairs on every rank
         self.global_batch_size = self.args.per_device_train_batch_size * self.dist.world_size
         self.batches_per_epoch = math.ceil(len(self.train_pairs) / self.global_batch_size)
@@ -116,13 +120,13 @@ class RewardTrainer(BaseTrainer):
                 total_loss = total_loss + loss.detach() * (weight / steps)
                 accuracy = accuracy + stats["accuracy"] * (weight / steps)
             total_loss, accuracy = self.dist.sum_counts(float(total_loss), float(accuracy))
-            grad_norm = float(self.optimizer_step(list(self.model.parameters())))
+            grad_norm = float(self.optimizer_step(list(self.model.parameters()), loss=total_loss))
             self.global_step += 1
             metrics = {}
             if self.global_step % args.logging_steps == 0 or self.global_step == self.num_training_steps:
                 metrics = {"loss": total_loss, "accuracy": accuracy, "grad_norm": grad_norm,
                            "lr": self.scheduler.get_last_lr()[0], "step_time_s": time.perf_counter() - start}
-                bar.set_postfix(loss=f"{total_loss:.3f}", acc=f"{accuracy:.2f}")
+                self.show(bar, loss=total_loss, acc=accuracy)
             # evaluation has its own cadence: every eval_steps steps, logged with the step's metrics if any
             if (self.eval_pairs is not None and args.eval_steps and self.global_step % args.eval_steps == 0
                     and self.global_step < self.num_training_steps):  # the last step is evaluated below

@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from .. import ops
+from . import guards
 from .base import BaseTrainer
 from .config import SFTConfig
 from .data import check_dataset, encode_completion, encode_prompt, pad_right, pad_token_id
@@ -25,6 +26,9 @@ class SFTTrainer(BaseTrainer):
         self.train_examples = self._encode_all(train_dataset, "train_dataset")
         self.eval_examples = self._encode_all(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self.pad_id = pad_token_id(self.tokenizer)
+        longest = max(len(ids) for ids, _ in self.train_examples + (self.eval_examples or []))
+        guards.check_sequence_length({"model": model}, longest,
+                                     what=f"max_length: the longest example (cut to max_length={self.args.max_length})")
         # one micro-batch index = per_device_train_batch_size examples on every rank
         self.global_batch_size = self.args.per_device_train_batch_size * self.dist.world_size
         batches_per_epoch = math.ceil(len(self.train_examples) / self.global_batch_size)
@@ -114,13 +118,13 @@ class SFTTrainer(BaseTrainer):
                     (loss * (weight * self.dist.grad_scale)).backward()  # DDP / FSDP2 average over ranks
                 total_loss = total_loss + loss.detach() * weight  # a device tensor: no host sync per micro-batch
             (total_loss,) = self.dist.sum_counts(float(total_loss))
-            grad_norm = float(self.optimizer_step(list(self.model.parameters())))
+            grad_norm = float(self.optimizer_step(list(self.model.parameters()), loss=total_loss))
             self.global_step += 1
             elapsed = time.perf_counter() - start
             if self.global_step % args.logging_steps == 0 or self.global_step == self.num_training_steps:
                 record = self.log({"loss": total_loss, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0],
                                    "tokens_per_s": tokens / elapsed})
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                self.show(bar, loss=record["loss"])
             bar.update(1)
             self.maybe_save()
         bar.close()
