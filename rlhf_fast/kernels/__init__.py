@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 
 # Families in the order they are looked up; a module that is not written yet is simply absent.
-FAMILIES = ("logprobs", "fused_loss", "kl", "advantages", "losses", "linear")
+FAMILIES = ("logprobs", "fused_loss", "kl", "advantages", "losses", "linear", "dpo")
 
 
 def _load() -> dict:

@@ -4,6 +4,7 @@ Signatures match the kernels': per-token ops take ``[N, V]`` logits and ``[N]`` 
 per-token tensors. ``rlhf_fast.ops`` validates input and brings it to these layouts.
 """
 from .advantages import gae, masked_whiten
+from .dpo import DPO_LOSS_TYPES, dpo_loss
 from .kl import KL_ESTIMATORS, token_kl
 from .linear import fused_linear_ppo_loss, linear_logprobs
 from .logprobs import logprobs_and_entropy, selective_log_softmax
@@ -11,8 +12,10 @@ from .losses import AGG_MODES, aggregate, fused_ppo_loss, policy_loss_terms, ppo
 
 __all__ = [
     "AGG_MODES",
+    "DPO_LOSS_TYPES",
     "KL_ESTIMATORS",
     "aggregate",
+    "dpo_loss",
     "fused_linear_ppo_loss",
     "fused_ppo_loss",
     "gae",
