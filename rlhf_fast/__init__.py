@@ -6,7 +6,7 @@ loaded on first use so that ``import rlhf_fast`` stays cheap.
 from . import batching, ops
 from ._version import __version__
 
-_TRAINER_EXPORTS = ("PPOConfig", "PPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer")
+_TRAINER_EXPORTS = ("DPOConfig", "DPOTrainer", "PPOConfig", "PPOTrainer", "RewardConfig", "RewardTrainer", "SFTConfig", "SFTTrainer")
 
 __all__ = ["__version__", "batching", "ops", *_TRAINER_EXPORTS]
 

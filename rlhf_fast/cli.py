@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_training_commands(commands) -> None:
     helps = {"sft": "supervised fine-tuning on {prompt, completion} JSONL",
              "rm": "reward model on {prompt, chosen, rejected} JSONL (Bradley-Terry)",
-             "ppo": "PPO / GRPO / RLOO on {prompt} JSONL against a reward model"}
+             "ppo": "PPO / GRPO / RLOO on {prompt} JSONL against a reward model",
+             "dpo": "direct preference optimisation on {prompt, chosen, rejected} JSONL"}
     for stage, text in helps.items():
         sub = commands.add_parser(stage, help=text, description=f"{text}. Keys: docs/trainers.md.")
         sub.add_argument("--config", required=True, metavar="FILE.yaml", help="paths and config fields (flat YAML)")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_benchmarks(out_dir=args.out, quick=args.quick, only=args.only)
         return 0
-    if args.command in ("sft", "rm", "ppo"):
+    if args.command in ("sft", "rm", "ppo", "dpo"):
         return _run_training(args.command, args.config)
     if args.command == "demo":
         return _run_demo(args)

@@ -114,6 +114,44 @@ class RewardConfig(TrainingConfig):
         _check_ranges(self, {"center_rewards_coefficient": "[0, inf)", "eval_steps": "[0, inf)"})
 
 
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo")  # rlhf_fast.reference.dpo has the formulas
+
+
+@dataclass
+class DPOConfig(TrainingConfig):
+    """Direct preference optimisation on ``{prompt, chosen, rejected}`` (TRL's ``DPOConfig`` names)."""
+
+    learning_rate: float = 1e-6
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | robust | hinge | ipo | simpo (reference-free, length-normalised)
+    label_smoothing: float = 0.0  # cDPO / rDPO smoothing, in [0, 0.5); sigmoid, robust and simpo only
+    simpo_gamma: float = 0.5  # SimPO's target margin (TRL's CPOConfig name)
+    reference_free: bool = False  # no reference: log-ratios against a uniform reference (0)
+    precompute_ref_log_probs: bool = False  # reference log-probs of every pair once, before training
+    max_tokens_per_micro_batch: int = 4096  # token budget of each forward pass (chosen + rejected tokens)
+    logprobs_from_hidden: bool = True  # linear_logprobs on hidden states: never builds the [N, V] logits
+    eval_steps: int = 0  # 0: evaluate at the end only (with an eval_dataset); > 0: also every eval_steps steps
+    disable_dropout: bool = True  # the policy and the reference must be the same function up to the update
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice(self, "loss_type", DPO_LOSS_TYPES)
+        _check_positive(self, "beta", "max_tokens_per_micro_batch")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type in ("hinge", "ipo"):
+            raise ValueError(f"label_smoothing: loss_type={self.loss_type!r} takes no label smoothing, got "
+                             f"{self.label_smoothing}; use 0 or loss_type sigmoid / robust / simpo")
+        if self.precompute_ref_log_probs and self.uses_reference is False:
+            raise ValueError("precompute_ref_log_probs: there is no reference to precompute with reference_free "
+                             f"or loss_type='simpo' (got reference_free={self.reference_free}, "
+                             f"loss_type={self.loss_type!r})")
+
+    @property
+    def uses_reference(self) -> bool:
+        return not self.reference_free and self.loss_type != "simpo"
+
+
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
 CRITICS = ("separate", "value_head")
 KL_PENALTY_MODES = ("reward", "loss")

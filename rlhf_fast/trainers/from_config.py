@@ -1,4 +1,4 @@
-"""Build a trainer from a YAML file: what ``rlhf-fast sft | rm | ppo --config FILE.yaml`` runs.
+"""Build a trainer from a YAML file: what ``rlhf-fast sft | rm | ppo | dpo --config FILE.yaml`` runs.
 
 The file is one flat mapping: the path keys below plus any field of the stage's config dataclass::
 
@@ -7,7 +7,7 @@ The file is one flat mapping: the path keys below plus any field of the stage's 
     train_file: data/train.jsonl   # JSONL in the stage's schema (see rlhf_fast/trainers/data.py)
     eval_file: data/eval.jsonl     # optional
     reward_model: ./my-rm          # ppo only (a sequence-classification model with one label)
-    ref_model: ./my-sft-model      # ppo only, optional, default: model
+    ref_model: ./my-sft-model      # ppo / dpo, optional (ppo default: model; dpo default: a copy of model)
     value_model: ./my-rm           # ppo only, optional, default: reward_model (gae with critic: separate only)
     learning_rate: 1.0e-6          # ...any SFTConfig / RewardConfig / PPOConfig field
 
@@ -21,17 +21,18 @@ import os
 from typing import Any
 
 from .._validation import did_you_mean
-from .config import PPOConfig, RewardConfig, SFTConfig
+from .config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
 from .data import load_jsonl
 
-STAGES = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig}
+STAGES = {"sft": SFTConfig, "rm": RewardConfig, "ppo": PPOConfig, "dpo": DPOConfig}
 PATH_KEYS = {
     "sft": ("model", "tokenizer", "train_file", "eval_file"),
     "rm": ("model", "tokenizer", "train_file", "eval_file"),
     "ppo": ("model", "tokenizer", "train_file", "eval_file", "reward_model", "ref_model", "value_model"),
+    "dpo": ("model", "tokenizer", "train_file", "eval_file", "ref_model"),
 }
 REQUIRED = {"sft": ("model", "train_file"), "rm": ("model", "train_file"),
-            "ppo": ("model", "train_file", "reward_model")}
+            "ppo": ("model", "train_file", "reward_model"), "dpo": ("model", "train_file")}
 
 
 def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
@@ -115,12 +116,13 @@ def build_trainer(stage: str, config_path: str):
     """Load models, tokenizer and data named by the config file and return the ready trainer."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from .dpo import DPOTrainer
     from .ppo import PPOTrainer
     from .reward import RewardTrainer
     from .sft import SFTTrainer
 
     paths, config = read_config(stage, config_path)
-    kind = {"sft": "sft", "rm": "rm", "ppo": "ppo"}[stage]
+    kind = {"sft": "sft", "rm": "rm", "ppo": "ppo", "dpo": "rm"}[stage]
     train = load_jsonl(paths["train_file"], kind)
     evaluation = load_jsonl(paths["eval_file"], kind) if "eval_file" in paths else None
     tokenizer = AutoTokenizer.from_pretrained(paths.get("tokenizer", paths["model"]))
@@ -138,6 +140,10 @@ def build_trainer(stage: str, config_path: str):
     if stage == "rm":
         return RewardTrainer(model=scalar_model(paths["model"]), args=config, train_dataset=train,
                              eval_dataset=evaluation, processing_class=tokenizer)
+    if stage == "dpo":
+        ref = AutoModelForCausalLM.from_pretrained(paths["ref_model"]) if "ref_model" in paths else None
+        return DPOTrainer(AutoModelForCausalLM.from_pretrained(paths["model"]), ref, args=config, train_dataset=train,
+                          eval_dataset=evaluation, processing_class=tokenizer)
     policy = AutoModelForCausalLM.from_pretrained(paths["model"])
     ref = AutoModelForCausalLM.from_pretrained(paths.get("ref_model", paths["model"]))
     reward = scalar_model(paths["reward_model"])

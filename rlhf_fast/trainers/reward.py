@@ -45,18 +45,9 @@ class RewardTrainer(BaseTrainer):
         self.maybe_resume()
 
     def _encode(self, record):
-        """(chosen ids, rejected ids, margin) within max_length. A prompt too long to leave room for the longer
-        response is cut from the left (BOS kept), so that the responses, which the reward must tell apart, stay;
-        responses longer than that are cut from the right."""
-        prompt = encode_prompt(self.tokenizer, record["prompt"])
-        chosen = encode_completion(self.tokenizer, record["chosen"])
-        rejected = encode_completion(self.tokenizer, record["rejected"])
-        limit = self.args.max_length
-        room = limit - max(len(chosen), len(rejected))
-        if len(prompt) > room:
-            keep = max(room, 1 if prompt else 0)  # at least one prompt token (BOS) when the responses fill it all
-            prompt = truncate_left(prompt, keep, self.tokenizer.bos_token_id)
-        return (prompt + chosen)[:limit], (prompt + rejected)[:limit], float(record.get("margin", 0.0))
+        """(chosen ids, rejected ids, margin) within max_length (``encode_pair``)."""
+        chosen, rejected, margin, _ = encode_pair(self.tokenizer, record, self.args.max_length)
+        return chosen, rejected, margin
 
     def _encode_all(self, dataset, name: str):
         """Encoded pairs; pairs whose chosen and rejected sequences are identical within max_length carry no
@@ -156,3 +147,17 @@ class RewardTrainer(BaseTrainer):
             count += len(pairs)
         self.model.train()
         return {"eval_accuracy": correct / count, "eval_loss": loss / count}
+
+
+def encode_pair(tokenizer, record, limit: int) -> tuple[list[int], list[int], float, int]:
+    """(chosen ids, rejected ids, margin, prompt length) within ``limit`` tokens. A prompt too long to leave room
+    for the longer response is cut from the left (BOS kept), so that the responses, which the reward must tell
+    apart, stay; responses longer than that are cut from the right."""
+    prompt = encode_prompt(tokenizer, record["prompt"])
+    chosen = encode_completion(tokenizer, record["chosen"])
+    rejected = encode_completion(tokenizer, record["rejected"])
+    room = limit - max(len(chosen), len(rejected))
+    if len(prompt) > room:
+        keep = max(room, 1 if prompt else 0)  # at least one prompt token (BOS) when the responses fill it all
+        prompt = truncate_left(prompt, keep, tokenizer.bos_token_id)
+    return (prompt + chosen)[:limit], (prompt + rejected)[:limit], float(record.get("margin", 0.0)), len(prompt)
