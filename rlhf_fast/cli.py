@@ -28,11 +28,13 @@ def _add_training_commands(commands) -> None:
     for stage, text in helps.items():
         sub = commands.add_parser(stage, help=text, description=f"{text}. Keys: docs/trainers.md.")
         sub.add_argument("--config", required=True, metavar="FILE.yaml", help="paths and config fields (flat YAML)")
-    demo = commands.add_parser("demo", help="offline SFT -> reward model -> PPO demo on a built-in task")
+    demo = commands.add_parser("demo", help="offline SFT -> reward model -> PPO (or DPO) demo on a built-in task")
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--quick", action="store_true", help="a smaller run (under 2 minutes on 2 CPU cores)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1)")
+    demo.add_argument("--method", choices=("ppo", "dpo", "both"), default="ppo",
+                      help="after SFT: reward model + PPO (default), DPO on the same pairs, or both side by side")
 
 
 # exit status: 0 done, 1 a bug of ours (with its traceback), USER_ERROR a config, data, checkpoint or output
@@ -74,7 +76,7 @@ def _run_demo(args) -> int:
 
     from .demo.pipeline import run_demo
 
-    summary = run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
+    summary = run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads, method=args.method)
     print(json.dumps(summary, indent=2))
     print(f"rlhf-fast demo: outputs in {args.out}")
     return 0

@@ -166,3 +166,12 @@ def test_dpo_command_trains_and_checks_its_config(tokenizer, tmp_path, capsys):
         import re
 
         assert re.search(message, err), err
+
+
+def test_demo_method_is_checked(tmp_path):
+    from rlhf_fast.cli import build_parser
+    from rlhf_fast.demo.pipeline import run_demo
+
+    assert build_parser().parse_args(["demo", "--method", "both"]).method == "both"
+    with pytest.raises(ValueError, match=r"method: expected one of \['ppo', 'dpo', 'both'\], got 'kto'"):
+        run_demo(str(tmp_path), method="kto")

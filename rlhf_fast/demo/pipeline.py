@@ -1,4 +1,5 @@
-"""``rlhf-fast demo``: SFT on demonstrations -> reward model on annotator pairs -> PPO against the reward model.
+"""``rlhf-fast demo``: SFT on demonstrations -> reward model on annotator pairs -> PPO against the reward model,
+and / or (``method="dpo"`` / ``"both"``) DPO from the SFT policy on the same annotator's pairs.
 
 Everything is offline: the tokenizer ships in rlhf_fast/data/, the models are built from a ``LlamaConfig``, the
 data and the annotator come from rlhf_fast/demo/task.py. The annotator's hidden rule only labels preference pairs
@@ -27,11 +28,13 @@ class DemoSizes:
     rm_steps: int = 400
     ppo_steps: int = 80
     ppo_prompts_per_step: int = 32
+    dpo_steps: int = 200
     eval_samples_per_prompt: int = 8
 
 
 QUICK = DemoSizes(sft_examples_per_prompt=10, sft_steps=150, rm_pairs_rounds=10, rm_steps=150, ppo_steps=25,
-                  eval_samples_per_prompt=4)
+                  dpo_steps=80, eval_samples_per_prompt=4)
+METHODS = ("ppo", "dpo", "both")
 
 
 def _quiet_transformers() -> None:
@@ -79,12 +82,14 @@ def _mean_gt(completions) -> float:
 
 
 def run_demo(out_dir: str = "demo_out", *, quick: bool = False, seed: int = 0, threads: int | None = None,
-             progress: bool = True) -> dict:
-    """Run the three stages and write metrics, plots, samples and ``summary.json`` to ``out_dir``."""
-    from transformers import LlamaForSequenceClassification
+             progress: bool = True, method: str = "ppo") -> dict:
+    """Run the stages and write metrics, plots, samples and ``summary.json`` to ``out_dir``.
 
-    from ..trainers import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
-    from ..trainers.metrics import plot_metrics
+    ``method``: ``ppo`` (SFT -> reward model -> PPO), ``dpo`` (SFT -> DPO on the annotator's pairs) or ``both``
+    (SFT, then PPO and DPO each from the same SFT policy, pairs and held-out prompts)."""
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
+    from ..trainers import SFTConfig, SFTTrainer
 
     _quiet_transformers()
     # one thread: these models are too small to gain from intra-op threads, and on a shared machine
@@ -114,7 +119,7 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, seed: int = 0, t
                processing_class=tokenizer).train()
     timings["sft_s"] = time.perf_counter() - stage
 
-    # ---- stage 2: reward model on the annotator's preference pairs of SFT samples ----------------------------
+    # ---- stage 2: the annotator's preference pairs of SFT samples (the reward model's and DPO's data) ---------
     stage = time.perf_counter()
 
     def labelled_pairs(prompts, rounds):
@@ -130,6 +135,70 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, seed: int = 0, t
 
     rm_train = labelled_pairs(train_prompts, sizes.rm_pairs_rounds)
     rm_eval = labelled_pairs(eval_prompts, 4)  # held-out prompts, never trained on
+    timings["pairs_s"] = time.perf_counter() - stage
+    sft_policy = copy.deepcopy(policy).eval()
+    eval_texts = [p for p, _ in eval_prompts for _ in range(sizes.eval_samples_per_prompt)]
+    torch.manual_seed(seed + 1)
+    sft_samples = _sample(sft_policy, tokenizer, eval_texts, temperature=temperature, max_new_tokens=response_length)
+    _write_samples(os.path.join(out_dir, "samples_before.txt"), "SFT policy on held-out prompts", eval_texts, sft_samples)
+    sft_gt = _mean_gt(sft_samples)
+    summary = {"seed": seed, "quick": quick, "method": method, "rm_train_pairs": len(rm_train),
+               "rm_eval_pairs": len(rm_eval), "sft_gt_score": sft_gt,
+               "parameters": sum(p.numel() for p in policy.parameters()), "eval_samples": len(eval_texts)}
+    stages = ["sft"]
+    if method in ("dpo", "both"):
+        stages.append("dpo")
+        stage = time.perf_counter()
+        dpo_policy = copy.deepcopy(sft_policy).train()
+        summary.update(_dpo_stage(dpo_policy, sft_policy, tokenizer, rm_train, rm_eval, out_dir, common, sizes))
+        torch.manual_seed(seed + 1)
+        dpo_samples = _sample(dpo_policy, tokenizer, eval_texts, temperature=temperature, max_new_tokens=response_length)
+        _write_samples(os.path.join(out_dir, "samples_after_dpo.txt"), "DPO policy on held-out prompts", eval_texts,
+                       dpo_samples)
+        dpo_gt = _mean_gt(dpo_samples)
+        summary.update({"dpo_gt_score": dpo_gt, "dpo_gt_improvement": (dpo_gt - sft_gt) / max(sft_gt, 1e-8),
+                        "dpo_kl_to_sft": _response_kl(dpo_policy, sft_policy, tokenizer, eval_texts, dpo_samples)})
+        timings["dpo_s"] = time.perf_counter() - stage
+    if method in ("ppo", "both"):
+        stages += ["rm", "ppo"]
+        summary.update(_rm_and_ppo_stages(policy, sft_policy, tokenizer, rm_train, rm_eval, train_prompts, eval_texts,
+                                          sft_samples, out_dir, common, sizes, seed, timings, response_length,
+                                          temperature))
+    with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as merged:
+        for name in stages:
+            with open(os.path.join(out_dir, name, "metrics.jsonl"), encoding="utf-8") as handle:
+                for line in handle:
+                    merged.write(json.dumps({"stage": name, **json.loads(line)}) + "\n")
+    summary.update({k: round(v, 2) for k, v in timings.items()})
+    summary["runtime_s"] = round(time.perf_counter() - started, 2)
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
+
+
+def _dpo_stage(policy, sft_policy, tokenizer, pairs, eval_pairs, out_dir, common, sizes) -> dict:
+    """DPO from the SFT policy on the annotator's pairs; the SFT policy is the (frozen) reference."""
+    from ..trainers import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=os.path.join(out_dir, "dpo"), max_steps=sizes.dpo_steps, learning_rate=2e-4,
+                     beta=0.1, warmup_ratio=0.05, lr_scheduler_type="cosine", per_device_train_batch_size=32,
+                     logging_steps=10, **common)
+    trainer = DPOTrainer(policy, copy.deepcopy(sft_policy), args=args, train_dataset=pairs, eval_dataset=eval_pairs,
+                         processing_class=tokenizer)
+    trainer.train()
+    held_out = trainer.evaluate()
+    return {"dpo_eval_accuracy": held_out["eval_rewards/accuracies"], "dpo_eval_loss": held_out["eval_loss"]}
+
+
+def _rm_and_ppo_stages(policy, sft_policy, tokenizer, rm_train, rm_eval, train_prompts, eval_texts, sft_samples,
+                       out_dir, common, sizes, seed, timings, response_length, temperature) -> dict:
+    """Reward model from the SFT body on the annotator's pairs, then PPO against it (``policy`` is trained)."""
+    from transformers import LlamaForSequenceClassification
+
+    from ..trainers import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer
+    from ..trainers.metrics import plot_metrics
+
+    stage = time.perf_counter()
     reward_model = LlamaForSequenceClassification(tiny_llama_config(tokenizer))
     reward_model.model.load_state_dict(policy.model.state_dict())  # start from the SFT body, as InstructGPT
     rm_args = RewardConfig(output_dir=os.path.join(out_dir, "rm"), max_steps=sizes.rm_steps, learning_rate=1e-3,
@@ -143,10 +212,6 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, seed: int = 0, t
 
     # ---- stage 3: PPO against the reward model -------------------------------------------------------------
     stage = time.perf_counter()
-    sft_policy = copy.deepcopy(policy).eval()
-    eval_texts = [p for p, _ in eval_prompts for _ in range(sizes.eval_samples_per_prompt)]
-    torch.manual_seed(seed + 1)
-    sft_samples = _sample(sft_policy, tokenizer, eval_texts, temperature=temperature, max_new_tokens=response_length)
 
     def ground_truth_of_rollouts(trainer, prompts, completions):  # evaluation only: PPO never sees it
         return {"gt_score": _mean_gt(completions)}
@@ -166,30 +231,15 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, seed: int = 0, t
     ppo_samples = _sample(policy, tokenizer, eval_texts, temperature=temperature, max_new_tokens=response_length)
     timings["ppo_s"] = time.perf_counter() - stage
 
-    # ---- report ---------------------------------------------------------------------------------------------
-    _write_samples(os.path.join(out_dir, "samples_before.txt"), "SFT policy on held-out prompts", eval_texts, sft_samples)
     _write_samples(os.path.join(out_dir, "samples_after.txt"), "PPO policy on held-out prompts", eval_texts, ppo_samples)
     plot_metrics(history, os.path.join(out_dir, "ppo_progress.png"), keys=["reward", "kl", "gt_score"],
                  title="PPO against the learned reward model")
-    with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as merged:
-        for name in ("sft", "rm", "ppo"):
-            with open(os.path.join(out_dir, name, "metrics.jsonl"), encoding="utf-8") as handle:
-                for line in handle:
-                    merged.write(json.dumps({"stage": name, **json.loads(line)}) + "\n")
     sft_gt, ppo_gt = _mean_gt(sft_samples), _mean_gt(ppo_samples)
     tail = history[-max(1, len(history) // 10):]
-    summary = {
-        "seed": seed, "quick": quick,
-        "rm_accuracy": rm_eval_metrics["eval_accuracy"], "rm_eval_pairs": len(rm_eval), "rm_train_pairs": len(rm_train),
-        "sft_gt_score": sft_gt, "ppo_gt_score": ppo_gt,
+    return {
+        "rm_accuracy": rm_eval_metrics["eval_accuracy"], "ppo_gt_score": ppo_gt,
         "gt_improvement": (ppo_gt - sft_gt) / max(sft_gt, 1e-8),
         "kl_to_sft": _response_kl(policy, sft_policy, tokenizer, eval_texts, ppo_samples),
         "ppo_train_kl_final": sum(r["kl"] for r in tail) / len(tail),
         "ppo_reward_first": history[0]["reward"], "ppo_reward_final": sum(r["reward"] for r in tail) / len(tail),
-        "parameters": sum(p.numel() for p in policy.parameters()),
-        "eval_samples": len(eval_texts),
-        **{k: round(v, 2) for k, v in timings.items()}, "runtime_s": round(time.perf_counter() - started, 2),
     }
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
-    return summary

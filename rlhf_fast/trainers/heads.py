@@ -20,6 +20,8 @@ def _head(model):
 
 def scalar_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B, T]`` float32 scalar output of the head at every position."""
+    if callable(getattr(model, "get_base_model", None)):  # a PeftModel: its model, with the adapters injected
+        model = model.get_base_model()
     body = getattr(model, model.base_model_prefix, None)
     if body is None:
         raise ValueError(f"{type(model).__name__}: no body under base_model_prefix={model.base_model_prefix!r}")

@@ -12,6 +12,7 @@ experience and computes advantages and whitening on the global batch; losses div
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -26,6 +27,7 @@ from .base import BaseTrainer
 from .config import PPOConfig
 from .data import check_dataset, encode_prompt, pad_right, pad_token_id, truncate_left
 from .metrics import plot_metrics
+from .peft_support import adapter_disabled, apply_peft, peft_model_in
 from .heads import PerTokenScalar, last_token_scores
 from .rollout import (Generation, generate, per_token_in_micro_batches, plan_micro_batches, response_mask,
                       token_logprobs)
@@ -43,12 +45,14 @@ class PPOTrainer(BaseTrainer):
     ``args.critic="value_head"`` there is no ``value_model``: the critic is a scalar head on the policy's last
     hidden states (``rlhf_fast.modeling.CausalLMWithValueHead``, ``self.value_head``), trained with the policy by
     one optimizer on ``policy_loss + vf_coef * value_loss``. ``callbacks`` are called after each rollout as
-    ``cb(trainer, prompts, completions) -> dict`` and their metrics are logged.
+    ``cb(trainer, prompts, completions) -> dict`` and their metrics are logged. ``peft_config`` (a
+    ``peft.PeftConfig``) trains adapters on the policy only; with ``ref_model=None`` the reference is then the
+    policy with its adapters disabled (no copy of the weights).
     """
 
     def __init__(self, args: PPOConfig | None = None, processing_class=None, model=None, ref_model=None,
                  reward_model=None, train_dataset=None, value_model=None, eval_dataset=None,
-                 callbacks: Optional[list] = None):
+                 callbacks: Optional[list] = None, peft_config=None):
         super().__init__(args or PPOConfig(), processing_class)
         args = self.args
         if model is None:
@@ -59,10 +63,17 @@ class PPOTrainer(BaseTrainer):
         if not isinstance(reward_model, torch.nn.Module) and not callable(reward_model):
             raise TypeError(f"reward_model: expected a model or a callable, got {type(reward_model).__name__}")
         _check_distinct(model=model, ref_model=ref_model, reward_model=reward_model, value_model=value_model)
-        # copies first: FSDP2 shards modules in place
-        ref_model = ref_model if ref_model is not None else copy.deepcopy(model)
-        self.value_model = None
+        model = apply_peft(model, peft_config)
         value_head = args.advantage_estimator == "gae" and args.critic == "value_head"
+        # with adapters and no ref_model, the reference is the policy itself with its adapters off
+        self.adapter_reference = ref_model is None and peft_model_in(model) is not None
+        if self.adapter_reference and value_head:
+            raise ValueError("ref_model: critic='value_head' with LoRA adapters needs an explicit ref_model (the "
+                             "adapter-disabled reference runs the policy's plain forward, which the value head "
+                             "replaces); pass ref_model, or use critic='separate'")
+        # copies first: FSDP2 shards modules in place
+        ref_model = ref_model if ref_model is not None or self.adapter_reference else copy.deepcopy(model)
+        self.value_model = None
         if value_head and value_model is not None:
             raise ValueError("value_model: critic='value_head' trains a value head on the policy's body, so a "
                              "separate value_model cannot be used with it; pass value_model=None, or set "
@@ -95,7 +106,10 @@ class PPOTrainer(BaseTrainer):
         if self.value_model is not None:
             self.value_train = self.train_module("value_model", self.value_model, PerTokenScalar(self.value_model))
         # frozen models: plain replicas under DDP, sharded under FSDP2
-        self.ref_model = self.dist.wrap(self._runner(ref_model.eval().requires_grad_(False)), trainable=False)
+        if self.adapter_reference:
+            self.ref_model = self.policy_train  # run inside adapter_disabled (make_experience)
+        else:
+            self.ref_model = self.dist.wrap(self._runner(ref_model.eval().requires_grad_(False)), trainable=False)
         self.reward_model = reward_model
         self.reward_scorer = None
         if isinstance(reward_model, torch.nn.Module):
@@ -279,7 +293,8 @@ class PPOTrainer(BaseTrainer):
             old_logp, values = old_logp * mask, values * mask
         else:
             old_logp = self._per_token(logprobs_of(self.policy_train), sequences, budget) * mask
-        ref_logp = self._per_token(logprobs_of(self.ref_model), sequences, budget) * mask
+        with adapter_disabled(self.policy_train) if self.adapter_reference else contextlib.nullcontext():
+            ref_logp = self._per_token(logprobs_of(self.ref_model), sequences, budget) * mask
         if self.value_model is not None:
             def value_fn(i, a):
                 with self.autocast():

@@ -13,15 +13,19 @@ from .base import BaseTrainer
 from .config import RewardConfig
 from .data import check_dataset, encode_completion, encode_prompt, pad_right, pad_token_id, truncate_left
 from .heads import PerTokenScalar, last_token_scores
+from .peft_support import apply_peft
 
 
 class RewardTrainer(BaseTrainer):
     """``RewardTrainer(model=AutoModelForSequenceClassification(num_labels=1), args=RewardConfig(...),
-    train_dataset=[{"prompt", "chosen", "rejected"}, ...], eval_dataset=..., processing_class=tok).train()``"""
+    train_dataset=[{"prompt", "chosen", "rejected"}, ...], eval_dataset=..., processing_class=tok,
+    peft_config=None).train()``; with a ``peft.PeftConfig`` (``task_type="SEQ_CLS"`` also trains the score head)
+    only the adapters train."""
 
     def __init__(self, model, args: RewardConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None):
+                 processing_class=None, peft_config=None):
         super().__init__(args or RewardConfig(), processing_class)
+        model = apply_peft(model, peft_config)
         self.model = model
         if self.args.disable_dropout:  # the same function for chosen and rejected, as TRL's disable_dropout
             from ..modeling import disable_dropout

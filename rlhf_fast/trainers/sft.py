@@ -12,15 +12,17 @@ from . import guards
 from .base import BaseTrainer
 from .config import SFTConfig
 from .data import check_dataset, encode_completion, encode_prompt, pad_right, pad_token_id
+from .peft_support import apply_peft
 
 
 class SFTTrainer(BaseTrainer):
     """``SFTTrainer(model=..., args=SFTConfig(...), train_dataset=[{"prompt", "completion"}, ...],
-    processing_class=tokenizer).train()``"""
+    processing_class=tokenizer, peft_config=None).train()``; with a ``peft.PeftConfig`` only the adapters train."""
 
     def __init__(self, model, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None):
+                 processing_class=None, peft_config=None):
         super().__init__(args or SFTConfig(), processing_class)
+        model = apply_peft(model, peft_config)
         self.model = model
         self.train_model = self.train_module("model", model)  # DDP / FSDP2 under torchrun
         self.train_examples = self._encode_all(train_dataset, "train_dataset")
