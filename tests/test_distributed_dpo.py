@@ -28,6 +28,12 @@ PAIRS = [{"prompt": p, "chosen": "the room was great and the pool was fine .", "
          if i % 3 else {"prompt": p, "chosen": "the food was great .", "rejected": "the food was bad and cold ."}
          for i, p in enumerate(PROMPTS[:12])]
 TOLERANCE = 1e-5
+try:
+    import peft  # noqa: F401
+
+    HAS_PEFT = True
+except ImportError:
+    HAS_PEFT = False
 SCENARIOS = {"dpo": {}, "dpo-logits-ipo": {"logprobs_from_hidden": False, "loss_type": "ipo"},
              "dpo-precomputed": {"precompute_ref_log_probs": True}}
 
@@ -37,10 +43,17 @@ def tiny(tokenizer, seed=0):
     return transformers.LlamaForCausalLM(tiny_llama_config(tokenizer, hidden_size=32, layers=1, heads=2))
 
 
-def dpo_run(tokenizer, out, world, **overrides):
+def lora_config():
+    import peft
+
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], task_type="CAUSAL_LM")
+
+
+def dpo_run(tokenizer, out, world, lora=False, **overrides):
     args = DPOConfig(output_dir=str(out), max_steps=2, learning_rate=0.3, beta=0.5, per_device_train_batch_size=8 // world,
                      gradient_accumulation_steps=2, max_tokens_per_micro_batch=48, **QUIET, **overrides)
-    trainer = DPOTrainer(tiny(tokenizer), args=args, train_dataset=PAIRS, processing_class=tokenizer)
+    trainer = DPOTrainer(tiny(tokenizer), args=args, train_dataset=PAIRS, processing_class=tokenizer,
+                         peft_config=lora_config() if lora else None)
     trainer.train()
     return trainer
 
@@ -51,6 +64,8 @@ def worker(out: str) -> None:
     for strategy in STRATEGIES:
         for name, overrides in SCENARIOS.items():
             dpo_run(tokenizer, os.path.join(out, f"{name}-{strategy}"), RANKS, distributed=strategy, **overrides)
+        if HAS_PEFT:
+            dpo_run(tokenizer, os.path.join(out, f"lora-{strategy}"), RANKS, lora=True, distributed=strategy)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +102,25 @@ def test_distributed_dpo_update_equals_one_process(two_rank_runs, tokenizer, tmp
     assert moved > 100 * TOLERANCE
     ranks, one = read_metrics(two_rank_runs / f"{name}-{strategy}"), single.logger.history
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "grad_norm"):
+        assert [r[key] for r in ranks] == pytest.approx([r[key] for r in one], abs=1e-5), key
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="LoRA needs peft: pip install 'rlhf_fast[peft]'")
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_distributed_dpo_with_lora_equals_one_process(two_rank_runs, tokenizer, tmp_path, strategy):
+    """LoRA adapters under DDP / FSDP2, the reference being the base model with the adapters off on every rank."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    single = dpo_run(tokenizer, tmp_path, 1, lora=True, distributed="none")
+    saved = load_file(str(two_rank_runs / f"lora-{strategy}" / "final" / "model" / "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(single.model)
+    assert sorted(saved) == sorted(expected) and saved
+    worst = max(float((saved[k] - expected[k]).abs().max()) for k in expected)
+    assert worst <= TOLERANCE, f"LoRA, {strategy}: largest adapter difference {worst:.3g}"
+    assert max(float(v.abs().max()) for k, v in expected.items() if "lora_B" in k) > 100 * TOLERANCE  # adapters moved
+    ranks, one = read_metrics(two_rank_runs / f"lora-{strategy}"), single.logger.history
+    for key in ("loss", "rewards/margins", "grad_norm"):
         assert [r[key] for r in ranks] == pytest.approx([r[key] for r in one], abs=1e-5), key
 
 

@@ -49,7 +49,7 @@ class DPOTrainer(BaseTrainer):
         if ref_model is not None and ref_model is model:
             raise ValueError("ref_model: the policy itself cannot be its frozen reference; pass ref_model=None for a "
                              "frozen copy (or the adapter-disabled base model with peft_config)")
-        model = apply_peft(model, peft_config)
+        model = apply_peft(model, peft_config, self.args.seed)
         self.uses_adapter_reference = ref_model is None and peft_model_in(model) is not None and args.uses_reference
         if not args.uses_reference:
             ref_model = None

@@ -30,9 +30,11 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def apply_peft(model: torch.nn.Module, peft_config, name: str = "model") -> torch.nn.Module:
-    """``model`` with fresh adapters from ``peft_config`` (a ``peft.PeftConfig``); a ``PeftModel`` or ``None``
-    config gives ``model`` back. Only the adapter (and ``modules_to_save``) parameters require grad."""
+def apply_peft(model: torch.nn.Module, peft_config, seed: int, name: str = "model") -> torch.nn.Module:
+    """``model`` with fresh adapters from ``peft_config`` (a ``peft.PeftConfig``); ``None`` gives ``model`` back.
+    Only the adapter (and ``modules_to_save``) parameters require grad. The adapters' random initialisation is
+    drawn from ``seed`` alone (the global RNG is left as it was): every rank must start from the same adapters,
+    and FSDP2, unlike DDP, does not broadcast rank 0's parameters."""
     if peft_config is None:
         return model
     peft = require_peft()
@@ -42,7 +44,9 @@ def apply_peft(model: torch.nn.Module, peft_config, name: str = "model") -> torc
     if is_peft_model(model):
         raise ValueError(f"peft_config: {name} already carries adapters (a PeftModel); pass peft_config=None to "
                          "train them, or pass the base model")
-    return peft.get_peft_model(model, peft_config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return peft.get_peft_model(model, peft_config)
 
 
 def peft_model_in(module: torch.nn.Module):

@@ -63,7 +63,7 @@ class PPOTrainer(BaseTrainer):
         if not isinstance(reward_model, torch.nn.Module) and not callable(reward_model):
             raise TypeError(f"reward_model: expected a model or a callable, got {type(reward_model).__name__}")
         _check_distinct(model=model, ref_model=ref_model, reward_model=reward_model, value_model=value_model)
-        model = apply_peft(model, peft_config)
+        model = apply_peft(model, peft_config, self.args.seed)
         value_head = args.advantage_estimator == "gae" and args.critic == "value_head"
         # with adapters and no ref_model, the reference is the policy itself with its adapters off
         self.adapter_reference = ref_model is None and peft_model_in(model) is not None

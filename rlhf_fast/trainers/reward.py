@@ -25,7 +25,7 @@ class RewardTrainer(BaseTrainer):
     def __init__(self, model, args: RewardConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None):
         super().__init__(args or RewardConfig(), processing_class)
-        model = apply_peft(model, peft_config)
+        model = apply_peft(model, peft_config, self.args.seed)
         self.model = model
         if self.args.disable_dropout:  # the same function for chosen and rejected, as TRL's disable_dropout
             from ..modeling import disable_dropout

@@ -22,7 +22,7 @@ class SFTTrainer(BaseTrainer):
     def __init__(self, model, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None):
         super().__init__(args or SFTConfig(), processing_class)
-        model = apply_peft(model, peft_config)
+        model = apply_peft(model, peft_config, self.args.seed)
         self.model = model
         self.train_model = self.train_module("model", model)  # DDP / FSDP2 under torchrun
         self.train_examples = self._encode_all(train_dataset, "train_dataset")
