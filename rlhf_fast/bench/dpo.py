@@ -8,7 +8,8 @@ gradients of ``hidden`` and ``weight``. Providers:
 - ``liger FusedLinearDPOLoss``: Liger-Kernel's chunked fused linear DPO loss (CUDA only, when installed);
 - ``rlhf_fast ...``: ``ops.linear_logprobs`` (never builds the ``[N, V]`` logits) then ``ops.dpo_loss``.
 Shapes: the GPU preset (CUDA) ``P=4`` pairs of ``T=1024`` (``N=8192`` tokens), ``H=4096``, ``V=151936``, bf16; the CPU
-preset ``P=4``, ``T=128``, ``H=512``, ``V=32768``, fp32; quick mode tiny. Peak extra memory: CUDA's allocator peak;
+preset ``P=8``, ``T=256`` (``N=4096``, four of the CPU reference's 1024-token chunks), ``H=64``, ``V=8192``, fp32;
+quick mode tiny. Peak extra memory: CUDA's allocator peak;
 on CPU the rise of the process's peak resident set over the call (``/proc/self/clear_refs`` resets the peak), so
 the CPU numbers include allocator behaviour and are approximate.
 """
@@ -54,7 +55,7 @@ def run(bench: Bench) -> None:
     elif bench.on_cuda:
         pairs, steps, h, v, dtype = 4, 1024, 4096, 151936, torch.bfloat16
     else:
-        pairs, steps, h, v, dtype = 4, 128, 512, 32768, torch.float32
+        pairs, steps, h, v, dtype = 8, 256, 64, 8192, torch.float32  # N = 4096: four of the reference's chunks
     rows, n = 2 * pairs, 2 * pairs * steps
     shape = f"P{pairs}xT{steps}xH{h}xV{v}"
     dname = str(dtype).replace("torch.", "")
@@ -100,7 +101,8 @@ def run(bench: Bench) -> None:
         providers.append(("liger FusedLinearDPOLoss (no ref)", liger_step, False))
     providers.append((ours, ours_step, False))
     for name, fn, baseline in providers:
-        median = bench.measure(op, name, shape, dname, fn, flops=flops, baseline=baseline)
+        median = bench.measure(op, name, shape, dname, fn, flops=flops, baseline=baseline,
+                               rep=None if bench.on_cuda or bench.quick else 5)
         if median is not None and not bench.on_cuda:
             peak = cpu_peak_extra_mib(fn)
             if peak is not None:
