@@ -135,10 +135,9 @@ class DPOConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice(self, "loss_type", DPO_LOSS_TYPES)
-        _check_positive(self, "beta", "max_tokens_per_micro_batch")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing: expected a value in [0, 0.5), got {self.label_smoothing}")
+        _check_ranges(self, {"beta": "(0, inf)", "label_smoothing": "[0, 0.5)", "simpo_gamma": "(-inf, inf)",
+                             "max_tokens_per_micro_batch": "[1, inf)", "eval_steps": "[0, inf)"})
+        check_option("loss_type", self.loss_type, DPO_LOSS_TYPES)
         if self.label_smoothing and self.loss_type in ("hinge", "ipo"):
             raise ValueError(f"label_smoothing: loss_type={self.loss_type!r} takes no label smoothing, got "
                              f"{self.label_smoothing}; use 0 or loss_type sigmoid / robust / simpo")

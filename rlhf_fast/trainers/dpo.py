@@ -212,7 +212,7 @@ class DPOTrainer(BaseTrainer):
                     part = torch.stack([loss.detach(), *(stats[key] for key in STAT_KEYS), tokens.float()])
                     totals = totals + part * weight
             totals = self.dist.all_reduce_sum(totals).tolist()  # one host read per optimizer step
-            grad_norm = float(self.optimizer_step(self.trainable))
+            grad_norm = float(self.optimizer_step(self.trainable, loss=totals[0]))
             self.global_step += 1
             metrics = {}
             if self.global_step % args.logging_steps == 0 or self.global_step == self.num_training_steps:
