@@ -35,6 +35,9 @@ def _add_training_commands(commands) -> None:
     demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1)")
     demo.add_argument("--method", choices=("ppo", "dpo", "both"), default="ppo",
                       help="after SFT: reward model + PPO (default), DPO on the same pairs, or both side by side")
+    demo.add_argument("--task", choices=("reviews", "arithmetic"), default="reviews",
+                      help="reviews: SFT -> reward model -> PPO (default); arithmetic: SFT -> GRPO on a "
+                           "programmatic answer check")
 
 
 # exit status: 0 done, 1 a bug of ours (with its traceback), USER_ERROR a config, data, checkpoint or output
@@ -74,9 +77,18 @@ def _user_error(stage: str, error: Exception, code: int) -> int:
 def _run_demo(args) -> int:
     import json
 
-    from .demo.pipeline import run_demo
+    if args.task == "arithmetic":
+        if args.method != "ppo":
+            print("rlhf-fast demo: error: --task arithmetic trains GRPO on a reward function; --method "
+                  f"{args.method} needs the reviews task's preference pairs", file=sys.stderr)
+            return USER_ERROR
+        from .demo.arithmetic import run_arithmetic_demo
 
-    summary = run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads, method=args.method)
+        summary = run_arithmetic_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
+    else:
+        from .demo.pipeline import run_demo
+
+        summary = run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads, method=args.method)
     print(json.dumps(summary, indent=2))
     print(f"rlhf-fast demo: outputs in {args.out}")
     return 0

@@ -35,3 +35,32 @@ def test_demo_quick_runs_end_to_end(tmp_path, capsys):
     assert summary["rm_accuracy"] >= 0.9
     assert summary["ppo_gt_score"] >= 1.1 * summary["sft_gt_score"]
     assert summary["kl_to_sft"] < 10.0
+
+
+def test_arithmetic_task_and_tokenizer():
+    from rlhf_fast.demo import arithmetic
+
+    tokenizer = arithmetic.build_tokenizer()
+    ids = tokenizer("7 + 8 =", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["7", "+", "8", "="]
+    assert tokenizer.convert_ids_to_tokens(tokenizer("15", add_special_tokens=False)["input_ids"]) == ["1", "5"]
+    assert tokenizer.decode(tokenizer("15")["input_ids"] + [tokenizer.eos_token_id], skip_special_tokens=True) == "15"
+    import random
+
+    rng = random.Random(0)
+    answers = [int(arithmetic.demonstration(7, 8, rng)) for _ in range(2000)]
+    assert abs(answers.count(15) / 2000 - arithmetic.DEMO_ACCURACY) < 0.05  # the demonstrator is right that often
+    assert set(answers) == {15 + o for o in [0] + arithmetic.OFFSETS}
+
+
+@pytest.mark.slow
+def test_demo_arithmetic_quick_raises_the_accuracy(tmp_path):
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    try:
+        assert main(["demo", "--task", "arithmetic", "--quick", "--out", str(tmp_path), "--seed", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["task"] == "arithmetic" and summary["eval_samples"] == 800
+    assert summary["grpo_accuracy"] >= summary["sft_accuracy"] + 0.08, summary

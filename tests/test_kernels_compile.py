@@ -69,6 +69,19 @@ SCRIPT = """
     everything = {"HAS_TEMP": True, "HAS_REF": True, "KL_IN_LOSS": True, "KL_EST": 3, "HAS_ISW": True,
                   "HAS_DUAL": True, "ENT_IN_LOSS": True, "NEED_GRAD": True, "BLOCK_V": 2048}
     no_spills(F._ppo_fwd_kernel, fwd, everything, num_warps=1, num_stages=2)
+    no_spills(F._ppo_fwd_kernel, fwd, dict(everything, SEQ=True), num_warps=1, num_stages=2)  # GSPO's first pass
+    # GSPO's row kernel (kernels/sequence_ratio.py), alone (ppo_policy_loss) and accumulating (fused_ppo_loss)
+    from rlhf_fast.kernels import sequence_ratio as S
+
+    seq = {n: "*fp32" for n in S.sequence_policy_kernel.arg_names if n.isupper() and n not in ("R", "T")}
+    seq.update({n: "i64" for n in S.sequence_policy_kernel.arg_names if n.startswith("s_")})
+    seq.update({"LOGP": "*bf16", "ADV": "*fp16", "M": "*i1", "clip_low": "fp64", "clip_high": "fp32",
+                "dual_clip": "fp32"})
+    row = {"HAS_DUAL": True, "HAS_ISW": True, "STORE_GRAD": True, "ACCUMULATE": False, "CLIP_SLOT": 0,
+           "RATIO_SLOT": 2, "DUAL_SLOT": 3, "APPROX_SLOT": 1, "BLOCK_T": S.ROW_BLOCK}
+    no_spills(S.sequence_policy_kernel, seq, row)
+    no_spills(S.sequence_policy_kernel, dict(seq, LOGP="*fp32", M="*u8"),
+              dict(row, ACCUMULATE=True, HAS_DUAL=False, RATIO_SLOT=1, DUAL_SLOT=5, APPROX_SLOT=-1, BLOCK_T=16))
     nothing = {k: False for k in everything if k.startswith(("HAS", "KL_IN", "ENT", "NEED"))}
     no_spills(F._ppo_fwd_kernel, dict(fwd, X="*fp16", M="*u8", clip_low="fp64"), dict(everything, KL_EST=1, **nothing),
               num_warps=1, num_stages=2)

@@ -58,7 +58,8 @@ from .logprobs import (
     launch_logits_grad,
     launch_scale_rows,
 )
-from .losses import _check_agg, launch_finalize
+from .losses import _check_agg, _sequence_level, launch_finalize
+from .sequence_ratio import launch_sequence_policy
 
 # Statistic slots of the workspace, in the order of the finalize's outputs after the loss (masked means).
 CLIP_FRAC = tl.constexpr(0)
@@ -88,6 +89,7 @@ def _ppo_fwd_kernel(
     ISW, stride_ir, stride_it,
     WORK,  # float32 finalize workspace (module docstring)
     LSE, ENT, G_LOGP, G_ENT,  # float32 [N] each, written with NEED_GRAD (ENT / G_ENT with ENT_IN_LOSS)
+    LOGP_OUT,  # float32 [N]: each valid token's log-prob, written with SEQ for the row kernel
     R, T, V,
     inv_t, clip_low, clip_high, dual_clip, kl_coef, ent_coef,
     HAS_TEMP: tl.constexpr,
@@ -98,6 +100,7 @@ def _ppo_fwd_kernel(
     HAS_DUAL: tl.constexpr,
     ENT_IN_LOSS: tl.constexpr,
     NEED_GRAD: tl.constexpr,
+    SEQ: tl.constexpr,  # sequence-level ratio: the policy term is left to sequence_ratio.py's row kernel
     BLOCK_V: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -134,12 +137,19 @@ def _ppo_fwd_kernel(
     logp = z_label - lse
 
     old = tl.load(OLD + r * stride_or + tt * stride_ot).to(tl.float32)
-    adv = tl.load(ADV + r * stride_ar + tt * stride_at).to(tl.float32)
-    loss, g, clipped, capped = policy_token_loss(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
-    if HAS_ISW:
-        isw = tl.load(ISW + r * stride_ir + tt * stride_it).to(tl.float32)
-        loss = loss * isw
-        g = g * isw
+    if SEQ:
+        tl.store(LOGP_OUT + n, logp)
+        loss = tl.zeros((), tl.float32)
+        g = tl.zeros((), tl.float32)
+        clipped = tl.zeros((), tl.float32)
+        capped = tl.zeros((), tl.float32)
+    else:
+        adv = tl.load(ADV + r * stride_ar + tt * stride_at).to(tl.float32)
+        loss, g, clipped, capped = policy_token_loss(logp, old, adv, clip_low, clip_high, dual_clip, HAS_DUAL)
+        if HAS_ISW:
+            isw = tl.load(ISW + r * stride_ir + tt * stride_it).to(tl.float32)
+            loss = loss * isw
+            g = g * isw
     kl = tl.zeros((), tl.float32)
     if HAS_REF:
         ref = tl.load(REF + r * stride_rr + tt * stride_rt).to(tl.float32)
@@ -194,6 +204,7 @@ def fused_forward(
     agg: str,
     counts: tuple,
     need_grad: bool,
+    importance_sampling_level: str = "token",
 ) -> dict:
     """Launch the statistics pass over ``logits3[R, T, V]`` (last dimension contiguous) and the finalize.
 
@@ -213,6 +224,8 @@ def fused_forward(
     if need_grad:
         per_token = torch.empty((4 if ent_in_loss else 2, n), dtype=torch.float32, device=dev).unbind(0)
         out.update(zip(("lse", "g_logp", "ent", "g_ent"), per_token))
+    sequence_level = importance_sampling_level == "sequence"
+    logp_out = torch.empty(n, dtype=torch.float32, device=dev) if sequence_level else work
     if n:
         inv_t, has_temp = _inv_temperature(temperature)
         dummy = work
@@ -221,13 +234,18 @@ def fused_forward(
             per_token_inputs += (work, 0, 0) if t is None else (t, t.stride(0), t.stride(1))
         _ppo_fwd_kernel[(n,)](
             logits3, *_strides(logits3), *per_token_inputs, work,
-            *(dummy if out[k] is None else out[k] for k in ("lse", "ent", "g_logp", "g_ent")),
+            *(dummy if out[k] is None else out[k] for k in ("lse", "ent", "g_logp", "g_ent")), logp_out,
             rows, steps, vocab, inv_t, clip_low, clip_high, dual_clip or 0.0, kl_coef, entropy_coef,
             HAS_TEMP=has_temp, HAS_REF=ref_logp is not None,
             KL_IN_LOSS=ref_logp is not None and kl_coef != 0.0, KL_EST=ESTIMATOR_CODES[kl_estimator],
             HAS_ISW=is_weights is not None, HAS_DUAL=dual_clip is not None, ENT_IN_LOSS=ent_in_loss,
-            NEED_GRAD=need_grad, **forward_config(vocab),
+            NEED_GRAD=need_grad, SEQ=sequence_level, **forward_config(vocab),
         )
+        if sequence_level:  # GSPO: the policy terms at each row's ratio, added to the partials written above
+            launch_sequence_policy(logp_out.view(rows, steps), old_logp, advantages, is_weights, mask, work,
+                                   out["g_logp"], clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                                   store_grad=need_grad, accumulate=True,
+                                   slots=(CLIP_FRAC.value, RATIO_MEAN.value, DUAL_FRAC.value, -1))
     launch_finalize(work, out["loss"], out["stats"], rows, steps, n, steps, agg, counts, NUM_STATS, tile=FINAL_TILE,
                     block_p=FINAL_STAT_BLOCK, num_warps=FINAL_WARPS)
     return out
@@ -357,6 +375,7 @@ def fused_ppo_loss(
     num_tokens=None,
     num_seqs=None,
     loss_scale=None,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict]:
     """``logits[R, T, V]`` -> policy loss + ``kl_coef * agg(kl)`` - ``entropy_coef * agg(entropy)``, and stats.
 
@@ -408,6 +427,7 @@ def fused_ppo_loss(
         dual_clip=None if dual_clip is None else float(dual_clip),
         agg=agg,
         counts=_check_agg(agg, num_tokens, num_seqs, loss_scale),
+        importance_sampling_level="sequence" if _sequence_level(importance_sampling_level) else "token",
     )
     _check_not_overwritten(logits3)
     if torch.is_grad_enabled() and logits.requires_grad:

@@ -11,6 +11,9 @@ values, stride 0 along T: it is read through its strides, never copied).
    for every row except in ``seq-mean-token-mean``).
 3. The backward kernel writes ``dl/dx * m * f_r * upstream``, reading the upstream gradient on the device.
 
+With ``importance_sampling_level="sequence"`` (GSPO) step 1 is ``sequence_ratio.py``'s row kernel instead, writing
+one partial per token (``G = T``, ``P = R * T``); steps 2 and 3 are the same.
+
 So two calls give bitwise-equal losses and statistics, and since the tile shape depends on ``T`` only and each
 token's loss and factor depend only on that token, the stored per-token factors are batch invariant. Count
 overrides arrive as Python floats (``rlhf_fast.ops`` reads tensor overrides once, while validating): nothing
@@ -31,6 +34,7 @@ import triton.language as tl
 from ..reference.losses import AGG_MODES
 from ._autograd import first_order_only
 from ._ppo_math import kl_token, policy_token_loss
+from .sequence_ratio import launch_sequence_policy
 
 TILE = 1024  # tokens per program (forward and backward), and row partials per finalize step
 STAT_BLOCK = 256  # statistic partials per finalize step
@@ -324,22 +328,25 @@ def _count(value) -> float:
 class _Call:
     """One forward: tiles, the workspace and the gradient-factor buffer; ``finish`` runs the finalize kernel."""
 
-    def __init__(self, ctx, x: torch.Tensor, nstat: int, need_grad: bool):
+    def __init__(self, ctx, x: torch.Tensor, nstat: int, need_grad: bool, per_token: bool = False):
         R, T = x.shape
         self.block_r, self.block_t, grid_r, grid_t = _tiles(R, T)
         self.grid = (grid_r, grid_t)
         self.nstat = nstat
         # From the caller: inside forward grad mode is always off, and needs_input_grad is True under no_grad too.
         self.store_grad = need_grad
-        self.work = torch.empty(R + 2 * R * grid_t + nstat * grid_r * grid_t, dtype=torch.float32, device=x.device)
+        # per_token: one partial per token (G = T, P = R * T), the layout sequence_ratio.py writes
+        self.partials = (T, R * T) if per_token else (grid_t, grid_r * grid_t)
+        G, P = self.partials
+        self.work = torch.empty(R + 2 * R * G + nstat * P, dtype=torch.float32, device=x.device)
         # Without a gradient to store the kernel never writes gfac: any float32 buffer will do.
         self.gfac = torch.empty((R, T), dtype=torch.float32, device=x.device) if self.store_grad else self.work
 
     def finish(self, ctx, x: torch.Tensor, agg: str, counts) -> tuple:
-        (R, T), (grid_r, grid_t) = x.shape, self.grid
+        R, T = x.shape
         loss = torch.empty((), dtype=torch.float32, device=x.device)
         stats = torch.empty(self.nstat, dtype=torch.float32, device=x.device)
-        launch_finalize(self.work, loss, stats, R, grid_t, grid_r * grid_t, T, agg, counts, self.nstat)
+        launch_finalize(self.work, loss, stats, R, *self.partials, T, agg, counts, self.nstat)
         if self.store_grad:
             ctx.save_for_backward(self.gfac, self.work)
             ctx.tiles = (self.block_r, self.block_t, self.grid)
@@ -368,10 +375,15 @@ class _PolicyLoss(torch.autograd.Function):
     # The constants (old_logp, advantages, mask, is_weights) travel in a tuple: autograd does not track them,
     # so the loss requires grad only through logp, with no detach.
     @staticmethod
-    def forward(ctx, logp, consts, need_grad, agg, counts, clip_low, clip_high, dual_clip):
+    def forward(ctx, logp, consts, need_grad, agg, counts, clip_low, clip_high, dual_clip, sequence_level):
         old_logp, advantages, mask, is_weights = consts
-        call = _Call(ctx, logp, POLICY_STATS, need_grad)
-        if logp.numel():
+        call = _Call(ctx, logp, POLICY_STATS, need_grad, per_token=sequence_level)
+        if sequence_level:  # GSPO: one program per row (sequence_ratio.py), then the same finalize and backward
+            launch_sequence_policy(logp, old_logp, advantages, is_weights, mask, call.work,
+                                   call.gfac if call.store_grad else None, clip_low=clip_low, clip_high=clip_high,
+                                   dual_clip=dual_clip, store_grad=call.store_grad, accumulate=False,
+                                   slots=(0, 2, 3, 1))
+        elif logp.numel():
             isw = is_weights if is_weights is not None else logp
             _policy_fwd_kernel[call.grid](
                 *_strides(logp), *_strides(old_logp), *_strides(advantages), *_strides(isw), *_strides(mask),
@@ -384,7 +396,7 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     @first_order_only
     def backward(ctx, grad_loss, *_):
-        return _loss_backward(ctx, grad_loss, 8)
+        return _loss_backward(ctx, grad_loss, 9)
 
 
 class _ValueLoss(torch.autograd.Function):
@@ -404,6 +416,12 @@ class _ValueLoss(torch.autograd.Function):
     @first_order_only
     def backward(ctx, grad_loss, *_):
         return _loss_backward(ctx, grad_loss, 6)
+
+
+def _sequence_level(level: str) -> bool:
+    if level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level: expected one of ['token', 'sequence'], got {level!r}")
+    return level == "sequence"
 
 
 def _needs_grad(x: torch.Tensor) -> bool:
@@ -436,12 +454,14 @@ def ppo_policy_loss(
     num_tokens=None,
     num_seqs=None,
     loss_scale=None,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict]:
     """Triton clipped PPO policy loss on ``[R, T]`` tensors (``advantages`` ``[R, T]`` or ``[R]``).
 
     Differentiable with respect to ``logp`` only (as docs/API.md specifies): ``old_logp``, ``advantages`` and
     ``is_weights`` are treated as constants even if they require grad. Overrides are best passed as numbers
-    (``rlhf_fast.ops`` does): a tensor is read here, a device sync.
+    (``rlhf_fast.ops`` does): a tensor is read here, a device sync. ``importance_sampling_level="sequence"``
+    (GSPO) runs the row kernel of ``sequence_ratio.py`` instead of the tiled forward.
     """
     clip_high = clip_low if clip_high is None else clip_high
     if logp.dim() != 2:
@@ -455,7 +475,7 @@ def ppo_policy_loss(
     loss, clip_frac, approx_kl, ratio_mean, dual_frac = _PolicyLoss.apply(
         logp, (old_logp, advantages, mask, is_weights), _needs_grad(logp), agg, counts, float(clip_low),
         float(clip_high),
-        None if dual_clip is None else float(dual_clip),
+        None if dual_clip is None else float(dual_clip), _sequence_level(importance_sampling_level),
     )
     stats = {"clip_frac": clip_frac, "approx_kl": approx_kl, "ratio_mean": ratio_mean}
     if dual_clip is not None:

@@ -56,6 +56,11 @@ def check_clip_options(clip_low, clip_high, dual_clip) -> tuple[float, Optional[
     return clip_low, clip_high, dual_clip
 
 
+def check_importance_sampling_level(level) -> str:
+    v.check_option("importance_sampling_level", level, ("token", "sequence"))
+    return level
+
+
 def check_agg_options(agg, num_tokens, num_seqs, loss_scale) -> tuple[Optional[float], ...]:
     """Checks ``agg`` and the overrides; returns ``(num_tokens, num_seqs, loss_scale)`` as floats or None (tensors
     are read once, here), so that the kernels never read a tensor override again."""

@@ -7,7 +7,8 @@ import torch
 
 from .. import _validation as v
 from .._dispatch import resolve
-from ._layout import advantages_as_rows, check_agg_options, check_clip_options, check_kl_entropy_options, per_token
+from ._layout import (advantages_as_rows, check_agg_options, check_clip_options, check_importance_sampling_level,
+                      check_kl_entropy_options, per_token)
 
 
 def _check_linear(hidden, weight, labels, bias) -> tuple[int, int]:
@@ -84,6 +85,7 @@ def fused_linear_ppo_loss(
     num_tokens=None,
     num_seqs=None,
     loss_scale=None,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict]:
     """The loss and stats of ``fused_ppo_loss(hidden @ weight.T + bias, labels, ...)`` for ``hidden[B, T, H]``
     (or ``[N, H]``), without the ``[N, V]`` logits."""
@@ -99,6 +101,7 @@ def fused_linear_ppo_loss(
     temperature = v.check_number("temperature", temperature, greater_than=0.0)
     clip_low, clip_high, dual_clip = check_clip_options(clip_low, clip_high, dual_clip)
     num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
+    importance_sampling_level = check_importance_sampling_level(importance_sampling_level)
     rows, steps = old.shape
     impl = resolve("fused_linear_ppo_loss", hidden.device)
     return impl(
@@ -106,4 +109,5 @@ def fused_linear_ppo_loss(
         bias=bias, ref_logp=ref, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
         temperature=temperature, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
         is_weights=w, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale,
+        importance_sampling_level=importance_sampling_level,
     )

@@ -18,6 +18,7 @@ from ._layout import (
     as_rows,
     check_agg_options,
     check_clip_options,
+    check_importance_sampling_level,
     check_kl_entropy_options,
     check_per_token_shape,
     per_token,
@@ -47,6 +48,7 @@ def ppo_policy_loss(
     num_tokens=None,
     num_seqs=None,
     loss_scale=None,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict]:
     """Clipped PPO surrogate; returns ``(loss, stats)`` with ``clip_frac``, ``approx_kl``, ``ratio_mean``."""
     v.check_float("logp", logp)
@@ -55,10 +57,12 @@ def ppo_policy_loss(
     v.check_same_device(dict(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, is_weights=is_weights))
     clip_low, clip_high, dual_clip = check_clip_options(clip_low, clip_high, dual_clip)
     num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
+    importance_sampling_level = check_importance_sampling_level(importance_sampling_level)
     impl = resolve("ppo_policy_loss", logp.device)
     return impl(
         as_rows(logp), old, adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
         is_weights=w, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale,
+        importance_sampling_level=importance_sampling_level,
     )
 
 
@@ -112,6 +116,7 @@ def fused_ppo_loss(
     num_tokens=None,
     num_seqs=None,
     loss_scale=None,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict]:
     """From ``logits[B, T, V]`` (or ``[N, V]``) to the scalar policy loss
     ``ppo_policy_loss(logp) + kl_coef * agg(token_kl(logp, ref_logp)) - entropy_coef * agg(entropy)``.
@@ -128,6 +133,7 @@ def fused_ppo_loss(
     temperature = v.check_number("temperature", temperature, greater_than=0.0)
     clip_low, clip_high, dual_clip = check_clip_options(clip_low, clip_high, dual_clip)
     num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
+    importance_sampling_level = check_importance_sampling_level(importance_sampling_level)
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad: expected a bool, got {type(inplace_grad).__name__}")
     rows, steps = old.shape
@@ -137,4 +143,5 @@ def fused_ppo_loss(
         kl_estimator=kl_estimator, entropy_coef=entropy_coef, temperature=temperature, clip_low=clip_low,
         clip_high=clip_high, dual_clip=dual_clip, agg=agg, is_weights=w, inplace_grad=inplace_grad,
         num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale,
+        importance_sampling_level=importance_sampling_level,
     )

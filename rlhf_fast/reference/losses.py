@@ -15,6 +15,7 @@ from .kl import token_kl
 from .logprobs import logprobs_and_entropy
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 Count = Optional[Union[float, int, torch.Tensor]]
 
 
@@ -89,8 +90,13 @@ def ppo_policy_loss(
     num_tokens: Count = None,
     num_seqs: Count = None,
     loss_scale: Count = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate ``max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high))``, optional dual clip for A < 0."""
+    """Clipped surrogate ``max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high))``, optional dual clip for A < 0.
+
+    ``importance_sampling_level="sequence"`` (GSPO, Zheng et al. 2025): every valid token of a row uses the row's
+    length-normalised sequence ratio ``exp(mean_t(logp - old_logp))`` over its valid tokens, so the gradient
+    reaches each token's ``logp`` through that mean. ``approx_kl`` stays the per-token k3 either way."""
     clip_high = clip_low if clip_high is None else clip_high
     valid = mask != 0
     adv = upcast(advantages.detach())
@@ -100,6 +106,13 @@ def ppo_policy_loss(
     # holding inf / nan (old log-probs of -inf, say) cannot turn into nan gradients through 0 * inf.
     adv = torch.where(valid, adv, 0.0)
     log_ratio = torch.where(valid, upcast(logp) - upcast(old_logp.detach()), 0.0)
+    token_log_ratio = log_ratio
+    if importance_sampling_level == "sequence":
+        row_mean = log_ratio.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+        log_ratio = torch.where(valid, row_mean.expand_as(log_ratio), 0.0)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level: expected one of {list(IMPORTANCE_SAMPLING_LEVELS)}, got "
+                         f"{importance_sampling_level!r}")
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * clamp_closed(ratio, 1.0 - clip_low, 1.0 + clip_high)
@@ -114,7 +127,7 @@ def ppo_policy_loss(
     with torch.no_grad():
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).float(), mask),
-            "approx_kl": masked_mean(torch.exp(-log_ratio) - 1.0 + log_ratio, mask),  # k3 of old vs new
+            "approx_kl": masked_mean(torch.exp(-token_log_ratio) - 1.0 + token_log_ratio, mask),  # k3, old vs new
             "ratio_mean": masked_mean(ratio.detach(), mask),
         }
         if dual_capped is not None:

@@ -151,7 +151,9 @@ class DPOConfig(TrainingConfig):
         return not self.reference_free and self.loss_type != "simpo"
 
 
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
+SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 CRITICS = ("separate", "value_head")
 KL_PENALTY_MODES = ("reward", "loss")
 
@@ -174,12 +176,15 @@ class PPOConfig(TrainingConfig):
     stop_token: Optional[str] = "eos"  # stop at the tokenizer's EOS; None: always generate response_length
     missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses that never stop
     num_generations: int = 1  # samples per prompt (>= 2 for grpo / rloo)
+    # rewards: one weight per reward model / function of reward_model (a list), default 1 each (rewards.py)
+    reward_weights: Optional[list] = None
     # advantages and KL
     advantage_estimator: str = "gae"
     critic: str = "separate"  # gae: "separate" critic model (value_model), or "value_head" on the policy's body
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
+    scale_rewards: str = "group"  # grpo: divide by the group's std, the batch's, or "none" (Dr. GRPO)
     whiten_rewards: bool = False
     kl_coef: float = 0.05
     kl_penalty: str = "reward"  # "reward": k1 penalty in the per-token reward; "loss": kl_estimator in the loss
@@ -196,6 +201,14 @@ class PPOConfig(TrainingConfig):
     vf_coef: float = 0.1
     entropy_coef: float = 0.0
     loss_agg: str = "token-mean"
+    loss_scale_factor: Optional[float] = None  # seq-mean-token-sum-norm's constant divisor; None: response_length
+    importance_sampling_level: str = "token"  # "sequence": GSPO's length-normalised sequence ratio
+    # DAPO (Yu et al. 2025)
+    mask_truncated_completions: bool = False  # responses without the stop token get no loss
+    overlong_buffer_len: int = 0  # > 0: soft overlong punishment over the last overlong_buffer_len tokens
+    overlong_penalty_factor: float = 1.0
+    dynamic_sampling: bool = False  # drop groups of equal rewards, sample more prompts to fill the batch
+    dynamic_sampling_max_rounds: int = 3  # extra sampling rounds at most per step
     # memory / speed
     max_tokens_per_micro_batch: int = 4096  # token budget of each forward pass (rollout scoring and training)
     logprobs_from_hidden: bool = False  # fused_linear_ppo_loss on hidden states: never builds the logits
@@ -226,6 +239,28 @@ class PPOConfig(TrainingConfig):
         if self.advantage_estimator in ("grpo", "rloo") and self.num_generations < 2:
             raise ValueError(f"advantage_estimator={self.advantage_estimator!r} needs num_generations >= 2, "
                              f"got {self.num_generations}")
+        if (self.top_p < 1.0 or self.top_k > 0) and (self.logprobs_from_hidden or self.critic == "value_head"):
+            raise ValueError("top_p / top_k: the log-probs of a truncated sampling distribution need the logits, "
+                             "which logprobs_from_hidden: true and critic: value_head never build; use top_p: 1.0 "
+                             "and top_k: 0 with them")
+        check_option("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        check_option("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        _check_ranges(self, {"loss_scale_factor": "(0, inf)", "overlong_buffer_len": "[0, inf)",
+                             "overlong_penalty_factor": "[0, inf)", "dynamic_sampling_max_rounds": "[0, inf)"})
+        if self.mask_truncated_completions and self.stop_token is None:
+            raise ValueError("mask_truncated_completions: needs a stop token (stop_token: eos); with stop_token: "
+                             "null every response is truncated and nothing would be trained")
+        if self.overlong_buffer_len > self.response_length:
+            raise ValueError(f"overlong_buffer_len: expected a value in [0, response_length={self.response_length}], "
+                             f"got {self.overlong_buffer_len}")
+        if self.dynamic_sampling and self.advantage_estimator not in ("grpo", "rloo"):
+            raise ValueError(f"dynamic_sampling: needs groups of samples (advantage_estimator 'grpo' or 'rloo'), got "
+                             f"{self.advantage_estimator!r}")
+        if self.reward_weights is not None:
+            self.reward_weights = [_coerce(f"reward_weights[{i}]", float, w) for i, w in enumerate(self.reward_weights)]
+            bad = [(i, w) for i, w in enumerate(self.reward_weights) if not math.isfinite(w)]
+            if bad:
+                raise ValueError(f"reward_weights[{bad[0][0]}]: expected a finite number, got {bad[0][1]}")
         self.check_mini_batches(int(os.environ.get("WORLD_SIZE", "1")))
 
     def check_mini_batches(self, world_size: int) -> None:

@@ -6,7 +6,8 @@ The file is one flat mapping: the path keys below plus any field of the stage's 
     tokenizer: ./my-sft-model      # optional, default: model
     train_file: data/train.jsonl   # JSONL in the stage's schema (see rlhf_fast/trainers/data.py)
     eval_file: data/eval.jsonl     # optional
-    reward_model: ./my-rm          # ppo only (a sequence-classification model with one label)
+    reward_model: ./my-rm          # ppo: a sequence-classification model with one label, and / or
+    reward_funcs: ["rlhf_fast.rewards:answer_match", "my_rewards.py:format_ok"]   # ppo: reward functions
     ref_model: ./my-sft-model      # ppo / dpo, optional (ppo default: model; dpo default: a copy of model)
     value_model: ./my-rm           # ppo only, optional, default: reward_model (gae with critic: separate only)
     learning_rate: 1.0e-6          # ...any SFTConfig / RewardConfig / PPOConfig field
@@ -31,8 +32,8 @@ PATH_KEYS = {
     "ppo": ("model", "tokenizer", "train_file", "eval_file", "reward_model", "ref_model", "value_model"),
     "dpo": ("model", "tokenizer", "train_file", "eval_file", "ref_model"),
 }
-REQUIRED = {"sft": ("model", "train_file"), "rm": ("model", "train_file"),
-            "ppo": ("model", "train_file", "reward_model"), "dpo": ("model", "train_file")}
+REQUIRED = {"sft": ("model", "train_file"), "rm": ("model", "train_file"), "ppo": ("model", "train_file"),
+            "dpo": ("model", "train_file")}
 
 
 def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
@@ -56,7 +57,7 @@ def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
         raise ValueError(f"{path}: expected a mapping of keys to values, got {type(raw).__name__}")
     config_cls = STAGES[stage]
     field_names = set(config_cls.__dataclass_fields__)
-    known = set(PATH_KEYS[stage]) | field_names
+    known = set(PATH_KEYS[stage]) | field_names | ({"reward_funcs"} if stage == "ppo" else set())
     for key in raw:
         if key not in known:
             raise ValueError(f"{path}: unknown key {key!r} for `rlhf-fast {stage}`{did_you_mean(key, sorted(known))}")
@@ -64,6 +65,8 @@ def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
         if not raw.get(key):
             raise ValueError(f"{path}: missing required key {key!r} for `rlhf-fast {stage}`")
     base = os.path.dirname(os.path.abspath(path))
+    if stage == "ppo" and not raw.get("reward_model") and not raw.get("reward_funcs"):
+        raise ValueError(f"{path}: missing required key 'reward_model' or 'reward_funcs' for `rlhf-fast ppo`")
     paths = {k: _resolve(base, raw[k]) for k in PATH_KEYS[stage] if raw.get(k)}
     for key, value in paths.items():
         exists = os.path.isfile(value) if key.endswith("_file") else os.path.isdir(value)
@@ -77,6 +80,12 @@ def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
         config = config_cls(**settings)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{path}: {error}") from None
+    if stage == "ppo":
+        paths["reward_funcs"] = _reward_functions(path, base, raw.get("reward_funcs"))
+        count = len(paths["reward_funcs"]) + ("reward_model" in paths)
+        if config.reward_weights is not None and len(config.reward_weights) != count:
+            raise ValueError(f"{path}: reward_weights: expected {count} weights (reward_model first, then "
+                             f"reward_funcs in order), got {len(config.reward_weights)}")
     if "value_model" in paths and getattr(config, "critic", "separate") == "value_head":
         raise ValueError(f"{path}: value_model cannot be used with critic: value_head (the critic is a head on "
                          "the policy); remove value_model, or set critic: separate")
@@ -104,6 +113,23 @@ def _strict_loader():
             return super().construct_mapping(node, deep)
 
     return StrictLoader
+
+
+def _reward_functions(path: str, base: str, specs) -> list:
+    """The callables named by ``reward_funcs`` (``module:function`` or ``file.py:function``, files relative to
+    the YAML file), loaded now so that a typo fails before any model loads."""
+    from .rewards import load_reward_function
+
+    if specs is None:
+        return []
+    if isinstance(specs, str):
+        specs = [specs]
+    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+        raise ValueError(f"{path}: reward_funcs: expected a list of 'module:function' strings, got {specs!r}")
+    try:
+        return [load_reward_function(spec, base) for spec in specs]
+    except (ValueError, FileNotFoundError) as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def _resolve(base: str, value) -> str:
@@ -146,9 +172,11 @@ def build_trainer(stage: str, config_path: str):
                           eval_dataset=evaluation, processing_class=tokenizer)
     policy = AutoModelForCausalLM.from_pretrained(paths["model"])
     ref = AutoModelForCausalLM.from_pretrained(paths.get("ref_model", paths["model"]))
-    reward = scalar_model(paths["reward_model"])
+    rewards = ([scalar_model(paths["reward_model"])] if "reward_model" in paths else []) + paths["reward_funcs"]
     value = None
-    if config.advantage_estimator == "gae" and config.critic == "separate":
-        value = scalar_model(paths.get("value_model", paths["reward_model"]))
+    if config.advantage_estimator == "gae" and config.critic == "separate" and (
+            "value_model" in paths or "reward_model" in paths):
+        value = scalar_model(paths.get("value_model", paths.get("reward_model")))
+    reward = rewards[0] if len(rewards) == 1 else rewards
     return PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
                       value_model=value, train_dataset=train, eval_dataset=evaluation)

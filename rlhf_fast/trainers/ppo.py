@@ -29,10 +29,15 @@ from .data import check_dataset, encode_prompt, pad_right, pad_token_id, truncat
 from .metrics import plot_metrics
 from .peft_support import adapter_disabled, apply_peft, peft_model_in
 from .heads import PerTokenScalar, last_token_scores
+from .advantages import group_advantages, overlong_penalty, reinforce_pp_advantages
+from .dynamic_sampling import ScoredRollout, fill_batch
+from .rewards import RewardFunctions, dataset_columns
+from .sampling import truncate_logits, truncates
 from .rollout import (Generation, generate, per_token_in_micro_batches, plan_micro_batches, response_mask,
                       token_logprobs)
 
-RewardFunction = Callable[[list, list], Sequence[float]]  # (prompts, completions) -> one score per completion
+# f(prompts=, completions=, completion_ids=, **dataset columns) -> one float or None per completion (rewards.py)
+RewardFunction = Callable[..., Sequence[Optional[float]]]
 
 
 class PPOTrainer(BaseTrainer):
@@ -58,11 +63,14 @@ class PPOTrainer(BaseTrainer):
         if model is None:
             raise ValueError("model: a causal LM policy is required")
         if reward_model is None:
-            raise ValueError("reward_model: a reward model or a function (prompts, completions) -> scores is required")
+            raise ValueError("reward_model: a reward model, a function f(prompts, completions, **columns) -> scores, "
+                             "or a list of them is required")
         args.check_mini_batches(self.dist.world_size)
-        if not isinstance(reward_model, torch.nn.Module) and not callable(reward_model):
-            raise TypeError(f"reward_model: expected a model or a callable, got {type(reward_model).__name__}")
-        _check_distinct(model=model, ref_model=ref_model, reward_model=reward_model, value_model=value_model)
+        self.rewards = RewardFunctions(reward_model, args.reward_weights)
+        reward_models = [m for _, m in self.rewards.models]
+        reward_model = reward_models[0] if reward_models else None  # the critic's default initialisation
+        _check_distinct(model=model, ref_model=ref_model, value_model=value_model,
+                        **{("reward_model" if i == 0 else f"reward_model[{i}]"): m for i, m in enumerate(reward_models)})
         model = apply_peft(model, peft_config, self.args.seed)
         value_head = args.advantage_estimator == "gae" and args.critic == "value_head"
         # with adapters and no ref_model, the reference is the policy itself with its adapters off
@@ -92,7 +100,7 @@ class PPOTrainer(BaseTrainer):
             # runs in eval mode, see make_experience; this also turns dropout off in the training forward.)
             from ..modeling import disable_dropout
 
-            for module in (model, ref_model, self.value_model, reward_model):
+            for module in (model, ref_model, self.value_model, *reward_models):
                 if isinstance(module, torch.nn.Module):
                     disable_dropout(module)
         self.policy = model
@@ -111,20 +119,25 @@ class PPOTrainer(BaseTrainer):
         else:
             self.ref_model = self.dist.wrap(self._runner(ref_model.eval().requires_grad_(False)), trainable=False)
         self.reward_model = reward_model
-        self.reward_scorer = None
-        if isinstance(reward_model, torch.nn.Module):
-            reward_model.eval().requires_grad_(False)
-            self.reward_scorer = self.dist.wrap(PerTokenScalar(reward_model), trainable=False)
+        self.reward_scorers = {}  # column of self.rewards -> the wrapped scorer of that reward model
+        for column, module in self.rewards.models:
+            module.eval().requires_grad_(False)
+            self.reward_scorers[column] = self.dist.wrap(PerTokenScalar(module), trainable=False)
         self.pad_id = pad_token_id(self.tokenizer)
         self.eos_id = self.tokenizer.eos_token_id if args.stop_token == "eos" else None
         dataset = check_dataset(train_dataset, "ppo", "train_dataset")
         self.prompts = [r["prompt"] for r in dataset]
+        self.columns = dataset_columns(dataset, "train_dataset")  # the other fields, for the reward functions
         self.prompt_ids = self._encode_prompts(self.prompts, "train_dataset")
-        self.eval_prompts = [r["prompt"] for r in check_dataset(eval_dataset, "ppo", "eval_dataset")] \
-            if eval_dataset is not None else None
+        self.eval_prompts = self.eval_columns = None
+        if eval_dataset is not None:
+            eval_dataset = check_dataset(eval_dataset, "ppo", "eval_dataset")
+            self.eval_prompts = [r["prompt"] for r in eval_dataset]
+            self.eval_columns = dataset_columns(eval_dataset, "eval_dataset")
         self.eval_prompt_ids = (self._encode_prompts(self.eval_prompts, "eval_dataset")
                                 if self.eval_prompts is not None else None)
-        self._check_lengths(model=model, ref_model=ref_model, reward_model=reward_model, value_model=self.value_model)
+        self._check_lengths(model=model, ref_model=ref_model, value_model=self.value_model,
+                            **{f"reward_model[{i}]": m for i, m in enumerate(reward_models)})
         self.callbacks = list(callbacks or [])
         self.kl_coef = args.kl_coef
         self.trainable = [p for m in self.models.values() for p in m.parameters() if p.requires_grad]
@@ -262,10 +275,9 @@ class PPOTrainer(BaseTrainer):
         for module in (self.policy_train, self.value_train):  # no dropout in scoring, whatever disable_dropout says
             if module is not None:
                 module.eval()
-        start = time.perf_counter()
-        prompt_ids = [self.prompt_ids[i] for i in prompt_indices for _ in range(args.num_generations)]
-        gen = self._generate_global(prompt_ids)  # blocks of whole prompts: a GRPO group stays on one rank
-        time_generate = time.perf_counter() - start
+        rollout, time_generate, sampling_metrics = self._rollout(prompt_indices)
+        prompt_indices, gen, completions, scores = (rollout.prompt_indices, rollout.gen, rollout.completions,
+                                                    rollout.scores)
 
         start = time.perf_counter()
         sequences = [p + r for p, r in zip(gen.prompt_ids, gen.response_ids)]
@@ -274,6 +286,8 @@ class PPOTrainer(BaseTrainer):
         # the experience lives on the training device (the ops run there; micro-batches are slices of it)
         ids, attention = (t.to(self.device) for t in pad_right(sequences, self.pad_id))
         mask = response_mask(prompt_lens, response_lens, ids.shape[1] - 1).to(self.device)
+        if args.mask_truncated_completions:  # DAPO: no loss on responses cut by the length limit
+            mask = mask * torch.tensor(gen.stopped, dtype=mask.dtype, device=mask.device)[:, None]
         budget = self._budget(sequences)
 
         def logprobs_of(model):
@@ -291,6 +305,12 @@ class PPOTrainer(BaseTrainer):
                     return logp, head_values[:, :-1]
             old_logp, values = self._per_token(policy_fn, sequences, budget, outputs=2)
             old_logp, values = old_logp * mask, values * mask
+        elif truncates(args.top_p, args.top_k):  # the policy is the truncated distribution sampled from
+            def sampling_fn(i, a):
+                with self.autocast():
+                    logits = self._sampling_logits(self.policy_train(input_ids=i, attention_mask=a).logits[:, :-1])
+                    return ops.selective_log_softmax(logits, i[:, 1:], temperature=args.temperature)
+            old_logp = self._per_token(sampling_fn, sequences, budget) * mask
         else:
             old_logp = self._per_token(logprobs_of(self.policy_train), sequences, budget) * mask
         with adapter_disabled(self.policy_train) if self.adapter_reference else contextlib.nullcontext():
@@ -301,23 +321,71 @@ class PPOTrainer(BaseTrainer):
                     return self.value_train(i, a)[:, :-1]
             values = self._per_token(value_fn, sequences, budget) * mask
         prompts_text = [self.prompts[i] for i in prompt_indices for _ in range(args.num_generations)]
-        completions = self._decode(gen.response_ids)
-        scores = self._score(sequences, prompts_text, completions, budget)
-        if args.missing_eos_penalty is not None and self.eos_id is not None:
-            scores = scores - args.missing_eos_penalty * (~torch.tensor(gen.stopped, device=scores.device)).float()
-
         kl = ops.token_kl(old_logp, ref_logp, estimator="k1") * mask  # per-token log-ratio to the reference
         kl_in_reward = self.kl_coef if args.kl_penalty == "reward" else 0.0
         advantages, returns = self._advantages(scores, kl, kl_in_reward, mask, values, response_lens)
-        time_score = time.perf_counter() - start
+        time_score = time.perf_counter() - start + rollout.time_score
         # host copies of what planning and loss normalisation read (lengths, response tokens): no sync in update
         return dict(ids=ids, attention=attention, mask=mask, lengths=torch.tensor([len(s) for s in sequences]),
                     host_lengths=[len(s) for s in sequences], host_mask_counts=mask.sum(-1).tolist(),
                     old_logp=old_logp, ref_logp=ref_logp, values=values, advantages=advantages, returns=returns,
                     scores=scores, kl=kl.sum(-1), response_lens=torch.tensor(response_lens, dtype=torch.float32),
                     stopped=torch.tensor(gen.stopped, dtype=torch.float32), prompts=prompts_text,
-                    completions=completions, time_generate=time_generate, time_score=time_score,
+                    completions=completions, reward_parts=rollout.reward_parts, time_generate=time_generate,
+                    time_score=time_score, sampling_metrics=sampling_metrics,
                     rlhf_reward=scores - kl_in_reward * kl.sum(-1))
+
+    def _rollout(self, prompt_indices: list[int]):
+        """Sample ``num_generations`` responses per prompt and score them; with ``dynamic_sampling``, replace the
+        groups whose scores are all equal by groups of extra prompts (``fill_batch``). Returns the rollout, the
+        generation time and the dynamic-sampling metrics."""
+        args = self.args
+        time_generate = 0.0
+
+        def sample(indices):
+            nonlocal time_generate
+            start = time.perf_counter()
+            prompt_ids = [self.prompt_ids[i] for i in indices for _ in range(args.num_generations)]
+            gen = self._generate_global(prompt_ids)  # blocks of whole prompts: a GRPO group stays on one rank
+            time_generate += time.perf_counter() - start
+            start = time.perf_counter()
+            rollout = self._score_rollout(indices, gen)
+            rollout.time_score = time.perf_counter() - start
+            return rollout
+
+        rollout = sample(prompt_indices)
+        if not args.dynamic_sampling:
+            return rollout, time_generate, {}
+        time_score = rollout.time_score
+        rollout, metrics = fill_batch(rollout, lambda r: sample(self._extra_prompts(len(prompt_indices), r)),
+                                      args.dynamic_sampling_max_rounds)
+        rollout.time_score = time_score
+        return rollout, time_generate, metrics
+
+    def _extra_prompts(self, count: int, round_: int) -> list[int]:
+        """Prompts of dynamic sampling's extra round ``round_``: random, a function of (seed, step, round), so
+        resuming stays exact and every rank draws the same."""
+        seed = (self.args.seed * 1_000_003 + self.global_step * 1_009 + round_) % (2**63)
+        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+        return [order[i % len(order)] for i in range(count)]
+
+    def _score_rollout(self, prompt_indices: list[int], gen: Generation) -> ScoredRollout:
+        """Rewards of one generation: every reward model / function, their weighted sum and the length shaping."""
+        args = self.args
+        sequences = [p + r for p, r in zip(gen.prompt_ids, gen.response_ids)]
+        rows = [i for i in prompt_indices for _ in range(args.num_generations)]
+        completions = self._decode(gen.response_ids)
+        columns = {k: [v[i] for i in rows] for k, v in self.columns.items()}
+        parts = self._score_parts(sequences, [self.prompts[i] for i in rows], completions, gen.response_ids, columns,
+                                  self._budget(sequences))
+        scores = self.rewards.combine(parts)
+        if args.missing_eos_penalty is not None and self.eos_id is not None:
+            scores = scores - args.missing_eos_penalty * (~torch.tensor(gen.stopped, device=scores.device)).float()
+        if args.overlong_buffer_len > 0:
+            lengths = torch.tensor([len(r) for r in gen.response_ids], device=scores.device)
+            scores = scores + overlong_penalty(lengths, args.response_length, args.overlong_buffer_len,
+                                               args.overlong_penalty_factor)
+        return ScoredRollout(list(prompt_indices), gen, completions, parts, scores, args.num_generations)
 
     def _budget(self, sequences) -> dict:
         return dict(pad_id=self.pad_id, max_tokens=self.args.max_tokens_per_micro_batch, device=self.device,
@@ -332,21 +400,22 @@ class PPOTrainer(BaseTrainer):
             return self.dist.all_reduce_sum(out)
         return tuple(self.dist.all_reduce_sum(torch.stack(out)).unbind(0))
 
-    def _score(self, sequences, prompts, completions, budget) -> torch.Tensor:
-        if self.reward_scorer is not None:
-            def fn(i, a):
-                with self.autocast():
-                    return last_token_scores(self.reward_scorer(i, a), a)
-            return guards.check_finite_scores(self._per_token(fn, sequences, budget, per_sequence=True),
-                                              source="reward_model")
+    def _score_parts(self, sequences, prompts, completions, completion_ids, columns, budget) -> torch.Tensor:
+        """``[B, F]`` score of every completion by every reward model / function (NaN: the function gave None).
+
+        Models score on token ids in this rank's micro-batches; functions are called on this rank's rows; a sum
+        over ranks gives every rank the whole table (NaN survives it, and no other rank writes that row)."""
+        out = torch.zeros((len(completions), len(self.rewards)), dtype=torch.float32)
         rows = sorted(i for micro in budget["micro_batches"] for i in micro)  # this rank's share of the calls
-        scores = self.reward_model([prompts[i] for i in rows], [completions[i] for i in rows]) if rows else []
-        scores = guards.check_reward_scores(
-            scores, len(rows), source=f"reward_model (reward function {guards.function_name(self.reward_model)!r})",
-            completions=[completions[i] for i in rows])
-        out = torch.zeros(len(completions), dtype=torch.float32)
-        out[torch.tensor(rows, dtype=torch.long)] = scores
-        return self.dist.all_reduce_sum(out).to(self.device)
+        self.rewards.score_functions(out, rows, prompts, completions, completion_ids, columns)
+        out = self.dist.all_reduce_sum(out.to(self.device))
+        for column, scorer in self.reward_scorers.items():
+            def fn(i, a, scorer=scorer):
+                with self.autocast():
+                    return last_token_scores(scorer(i, a), a)
+            out[:, column] = guards.check_finite_scores(self._per_token(fn, sequences, budget, per_sequence=True),
+                                                        source=f"reward_model ({self.rewards.names[column]})")
+        return out
 
     def _advantages(self, scores, kl, kl_coef, mask, values, response_lens):
         args = self.args
@@ -358,17 +427,18 @@ class PPOTrainer(BaseTrainer):
             if args.whiten_rewards:
                 rewards = ops.masked_whiten(rewards, mask, shift_mean=False)
             advantages, returns = ops.gae(rewards, values, mask, gamma=args.gamma, lam=args.lam)
-        else:
-            sequence_reward = (scores - kl_coef * kl.sum(-1)).view(-1, args.num_generations)
-            if args.advantage_estimator == "grpo":  # group-normalised (Shao et al., 2024)
-                centred = sequence_reward - sequence_reward.mean(-1, keepdim=True)
-                sequence_adv = centred / (sequence_reward.std(-1, keepdim=True) + 1e-4)
-            else:  # rloo: baseline = mean of the other samples of the same prompt (Ahmadian et al., 2024)
-                others = (sequence_reward.sum(-1, keepdim=True) - sequence_reward) / (args.num_generations - 1)
-                sequence_adv = sequence_reward - others
+        elif args.advantage_estimator == "reinforce_pp":  # per-token returns, whitened over the batch
+            rewards = -kl_coef * kl
+            rewards[rows, last] += scores
+            advantages = reinforce_pp_advantages(rewards, mask, args.gamma)
+            returns = torch.zeros_like(advantages)
+        else:  # grpo / rloo: one advantage per sequence from its group (advantages.py)
+            sequence_reward = scores - kl_coef * kl.sum(-1)
+            sequence_adv = group_advantages(sequence_reward, args.num_generations, args.advantage_estimator,
+                                            args.scale_rewards)
             advantages = sequence_adv.reshape(-1, 1) * mask
             returns = torch.zeros_like(advantages)
-        if args.whiten_advantages and args.advantage_estimator != "grpo":
+        if args.whiten_advantages and args.advantage_estimator not in ("grpo", "reinforce_pp"):
             advantages = ops.masked_whiten(advantages, mask)
         return advantages, returns
 
@@ -396,7 +466,8 @@ class PPOTrainer(BaseTrainer):
             ref_logp=take("ref_logp") if kl_in_loss else None, kl_coef=self.kl_coef if kl_in_loss else 0.0,
             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, temperature=args.temperature,
             clip_low=args.cliprange, clip_high=args.cliprange_high, dual_clip=args.dual_clip, agg=args.loss_agg,
-            num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=exp["mask"].shape[1],
+            num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=self._loss_scale(),
+            importance_sampling_level=args.importance_sampling_level,
         )
         new_values = None
         with self.autocast():
@@ -411,6 +482,7 @@ class PPOTrainer(BaseTrainer):
                     old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
             else:
                 logits = self.policy_train(input_ids=ids, attention_mask=attention).logits[:, :-1]
+                logits = self._sampling_logits(logits)  # top_p / top_k: the truncated distribution sampled from
                 loss, stats = ops.fused_ppo_loss(logits, labels, take("old_logp"), take("advantages"), mask,
                                                  **common)
             stats = {k: v.detach().float() for k, v in stats.items()}
@@ -421,13 +493,23 @@ class PPOTrainer(BaseTrainer):
                 vf_loss, vf_stats = ops.ppo_value_loss(new_values, take("values"), take("returns"), mask,
                                                        clip=args.cliprange_value, agg=args.loss_agg,
                                                        num_tokens=num_tokens, num_seqs=num_seqs,
-                                                       loss_scale=exp["mask"].shape[1])
+                                                       loss_scale=self._loss_scale())
                 stats["vf_clip_frac"] = vf_stats["clip_frac"].detach().float()
                 losses["vf_loss"] = vf_loss.detach().float()
                 loss = loss + args.vf_coef * vf_loss
         # DDP / FSDP2 average gradients over ranks; grad_scale makes that the gradient of the global loss
         (loss * (loss_weight * self.dist.grad_scale)).backward()
         return stats, losses, mask.sum()
+
+    def _sampling_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the distribution ``generate`` samples from: with ``top_p`` / ``top_k``, the truncated and
+        renormalised softmax (sampling.py), in the old log-probs and in the loss alike; else ``logits``."""
+        args = self.args
+        return truncate_logits(logits, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+
+    def _loss_scale(self) -> float:
+        """``seq-mean-token-sum-norm``'s divisor: a constant of the run (Dr. GRPO), never the step's padded width."""
+        return self.args.loss_scale_factor or float(self.args.response_length)
 
     def update(self, exp: dict) -> dict:
         """``num_ppo_epochs`` x ``num_mini_batches`` optimizer steps on one rollout; returns averaged stats.
@@ -513,6 +595,8 @@ class PPOTrainer(BaseTrainer):
         }
         if self.has_critic:
             metrics.update(vf_loss=stats["vf_loss"], vf_clip_frac=stats["vf_clip_frac"])
+        metrics.update(self.rewards.metrics(exp["reward_parts"].cpu()))  # rewards/{name}/mean, /std
+        metrics.update(exp["sampling_metrics"])
         for callback in self.callbacks:
             metrics.update(callback(self, exp["prompts"], exp["completions"]) or {})
         self._adapt_kl(kl, exp["ids"].shape[0])
@@ -549,7 +633,8 @@ class PPOTrainer(BaseTrainer):
         gen = self._generate_global(self.eval_prompt_ids)  # the eval prompts are split across ranks like the rollouts
         sequences = [p + r for p, r in zip(gen.prompt_ids, gen.response_ids)]
         budget = self._budget(sequences)
-        scores = self._score(sequences, self.eval_prompts, self._decode(gen.response_ids), budget)
+        scores = self.rewards.combine(self._score_parts(sequences, self.eval_prompts, self._decode(gen.response_ids),
+                                                        gen.response_ids, self.eval_columns, budget))
         return {"eval_reward": float(scores.mean()),
                 "eval_response_length": sum(map(len, gen.response_ids)) / len(gen.response_ids)}
 
