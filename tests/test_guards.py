@@ -53,10 +53,11 @@ def one_short(prompts, completions):
 
 
 @pytest.mark.parametrize("reward, error, message", [
-    (nan_at_three, NonFiniteError, r"reward function 'nan_at_three'\): returned nan for completion 3"),
-    (as_strings, UserError, r"reward function 'as_strings'\): score 0 is '1.0' \(str\)"),
-    (as_none, UserError, r"reward function 'as_none'\): expected a sequence of 8 numbers .* got NoneType"),
-    (one_short, UserError, r"reward function 'one_short'\): returned 7 scores for 8 completions"),
+    # the trainer's reward functions (trainers/rewards.py) name the function and the row
+    (nan_at_three, NonFiniteError, r"reward function 'nan_at_three': row 3: expected a finite float or None, got nan"),
+    (as_strings, UserError, r"reward function 'as_strings': row 0: expected a float or None, got '1.0' \(str\)"),
+    (as_none, UserError, r"reward function 'as_none': expected a list of 8 floats .*got NoneType"),
+    (one_short, UserError, r"reward function 'one_short': returned 7 scores for 8 completions"),
 ])
 def test_bad_reward_function_output_is_refused_naming_the_function(tokenizer, tmp_path, reward, error, message):
     trainer = ppo(tokenizer, tmp_path, reward)

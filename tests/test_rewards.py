@@ -159,6 +159,11 @@ def test_a_raising_function_is_named_with_its_rows():
     assert isinstance(info.value.__cause__, KeyError)  # the original traceback stays attached
 
 
+def test_the_older_positional_convention_still_works():
+    _, combined = score(RewardFunctions(lambda p, c: [float(len(x)) for x in c]), ["p", "q"], ["ab", "abc"])
+    torch.testing.assert_close(combined, torch.tensor([2.0, 3.0]))
+
+
 def test_a_missing_argument_names_the_columns():
     def needs(completions, solution):
         return [1.0] * len(completions)

@@ -414,8 +414,12 @@ class PPOTrainer(BaseTrainer):
                 with self.autocast():
                     return last_token_scores(scorer(i, a), a)
             out[:, column] = guards.check_finite_scores(self._per_token(fn, sequences, budget, per_sequence=True),
-                                                        source=f"reward_model ({self.rewards.names[column]})")
+                                                        source=self._reward_source(column))
         return out
+
+    def _reward_source(self, column: int) -> str:
+        """How errors name a reward model: ``reward_model``, or its place and name in a list."""
+        return "reward_model" if len(self.rewards) == 1 else f"reward_model[{column}] ({self.rewards.names[column]})"
 
     def _advantages(self, scores, kl, kl_coef, mask, values, response_lens):
         args = self.args

@@ -91,7 +91,7 @@ class RewardFunctions:
                 continue
             name = self.names[column]
             try:
-                returned = func(**_accepted(func, name, kwargs))
+                returned = _call(func, name, kwargs)
             except RewardFunctionError:
                 raise
             except Exception as error:  # noqa: BLE001 - re-raised with the function and the rows named
@@ -135,23 +135,28 @@ def _span(rows: list[int]) -> str:
     return f"{rows[0]}..{rows[-1]}" if len(rows) > 1 else str(rows[0])
 
 
-def _accepted(func, name: str, kwargs: dict) -> dict:
-    """The keyword arguments ``func`` takes: all of them with ``**kwargs``, else the ones it names."""
+def _call(func, name: str, kwargs: dict):
+    """Call ``func`` with the keyword arguments it takes: all of them with ``**kwargs``, else the ones it names.
+    A function whose two required parameters both have other names (``lambda p, c: ...``) keeps the older
+    convention, ``f(prompts, completions)`` by position."""
     try:
-        parameters = inspect.signature(func).parameters.values()
+        parameters = list(inspect.signature(func).parameters.values())
     except (TypeError, ValueError):  # a builtin without a signature: give it everything
-        return kwargs
+        return func(**kwargs)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return kwargs
-    named = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                      inspect.Parameter.KEYWORD_ONLY)}
-    for p in parameters:
-        required = p.default is inspect.Parameter.empty and p.kind not in (inspect.Parameter.VAR_POSITIONAL,)
-        if required and p.name not in kwargs:
-            raise RewardFunctionError(
-                f"reward function {name!r} needs the argument {p.name!r}, which is neither one of "
-                f"{list(RESERVED)} nor a dataset column (columns: {sorted(set(kwargs) - set(RESERVED))})")
-    return {k: v for k, v in kwargs.items() if k in named}
+        return func(**kwargs)
+    by_name = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    required = [p for p in parameters if p.default is inspect.Parameter.empty and p.kind is not
+                inspect.Parameter.VAR_POSITIONAL]
+    missing = [p.name for p in required if p.name not in kwargs or p.kind not in by_name]
+    if missing:
+        if len(required) == 2 and all(p.kind is not inspect.Parameter.KEYWORD_ONLY and p.name not in kwargs
+                                      for p in required):
+            return func(kwargs["prompts"], kwargs["completions"])
+        raise RewardFunctionError(
+            f"reward function {name!r} needs the argument {missing[0]!r}, which is neither one of "
+            f"{list(RESERVED)} nor a dataset column (columns: {sorted(set(kwargs) - set(RESERVED))})")
+    return func(**{p.name: kwargs[p.name] for p in parameters if p.kind in by_name and p.name in kwargs})
 
 
 def _check_scores(name: str, returned, rows: list[int]) -> torch.Tensor:
