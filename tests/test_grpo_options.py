@@ -200,7 +200,7 @@ def test_dynamic_sampling_in_the_trainer(tokenizer, tmp_path):
 def test_config_checks_the_new_fields():
     for kwargs, message in ((dict(scale_rewards="std"), "scale_rewards: expected one of"),
                             (dict(importance_sampling_level="seq"), "importance_sampling_level"),
-                            (dict(loss_scale_factor=0), "loss_scale_factor: expected a positive"),
+                            (dict(loss_scale_factor=0), r"loss_scale_factor: expected a value in \(0, inf\)"),
                             (dict(mask_truncated_completions=True, stop_token=None), "mask_truncated_completions"),
                             (dict(overlong_buffer_len=60), r"overlong_buffer_len: expected a value in \[0, "),
                             (dict(overlong_penalty_factor=-1), "overlong_penalty_factor"),
