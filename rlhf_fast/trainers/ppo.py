@@ -69,8 +69,9 @@ class PPOTrainer(BaseTrainer):
         self.rewards = RewardFunctions(reward_model, args.reward_weights)
         reward_models = [m for _, m in self.rewards.models]
         reward_model = reward_models[0] if reward_models else None  # the critic's default initialisation
-        _check_distinct(model=model, ref_model=ref_model, value_model=value_model,
-                        **{("reward_model" if i == 0 else f"reward_model[{i}]"): m for i, m in enumerate(reward_models)})
+        _check_distinct(model=model, ref_model=ref_model,
+                        **{("reward_model" if i == 0 else f"reward_model[{i}]"): m for i, m in enumerate(reward_models)},
+                        value_model=value_model)
         model = apply_peft(model, peft_config, self.args.seed)
         value_head = args.advantage_estimator == "gae" and args.critic == "value_head"
         # with adapters and no ref_model, the reference is the policy itself with its adapters off
