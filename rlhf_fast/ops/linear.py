@@ -102,7 +102,7 @@ def fused_linear_ppo_loss(
     temperature = v.check_number("temperature", temperature, greater_than=0.0)
     clip_low, clip_high, dual_clip = check_clip_options(clip_low, clip_high, dual_clip)
     num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
-    segments = _sequence_rows(cu_seqlens, shape, "labels", agg)
+    segments = _sequence_rows(cu_seqlens, shape, "labels", agg, hidden.device)
     if segments is not None:
         logp, entropy = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                         return_entropy=True)

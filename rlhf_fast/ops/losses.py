@@ -60,7 +60,7 @@ def ppo_policy_loss(
     clip_low, clip_high, dual_clip = check_clip_options(clip_low, clip_high, dual_clip)
     num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
     logp = as_rows(logp)
-    rows = _sequence_rows(cu_seqlens, logp.shape, "logp", agg)
+    rows = _sequence_rows(cu_seqlens, logp.shape, "logp", agg, logp.device)
     if rows is not None:
         logp, old, adv, m, w = (rows(t) for t in (logp, old, adv, m, w))
         loss_scale = rows.width if loss_scale is None else loss_scale
@@ -97,7 +97,7 @@ def ppo_value_loss(
         clip = v.check_number("clip", clip, at_least=0.0)
     num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
     values = as_rows(values)
-    rows = _sequence_rows(cu_seqlens, values.shape, "values", agg)
+    rows = _sequence_rows(cu_seqlens, values.shape, "values", agg, values.device)
     if rows is not None:
         values, old, ret, m = (rows(t) for t in (values, old, ret, m))
         loss_scale = rows.width if loss_scale is None else loss_scale
@@ -152,7 +152,7 @@ def fused_ppo_loss(
     num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad: expected a bool, got {type(inplace_grad).__name__}")
-    segments = _sequence_rows(cu_seqlens, shape, "labels", agg)
+    segments = _sequence_rows(cu_seqlens, shape, "labels", agg, logits.device)
     if segments is not None:
         logp, entropy = logprobs_and_entropy(logits, labels, temperature=temperature)
         return sequence_loss_terms(
@@ -169,12 +169,12 @@ def fused_ppo_loss(
     )
 
 
-def _sequence_rows(cu_seqlens, shape, name: str, agg: str):
-    """One row per sequence of a packed row when ``agg`` needs the boundaries; None otherwise."""
+def _sequence_rows(cu_seqlens, shape, name: str, agg: str, device):
+    """One row per sequence of a packed row (on ``device``) when ``agg`` needs the boundaries; None otherwise."""
     bounds = check_cu_seqlens(cu_seqlens, shape, name)
     if bounds is None or agg not in SEQUENCE_MODES:
         return None
-    return SegmentRows(bounds, cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else None)
+    return SegmentRows(bounds, device)
 
 
 def sequence_loss_terms(segments, logp, entropy, old, adv, mask, is_weights, ref_logp, *, loss_scale=None,

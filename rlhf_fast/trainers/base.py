@@ -53,9 +53,19 @@ class BaseTrainer:
     def train_module(self, name: str, model: torch.nn.Module, runner: torch.nn.Module | None = None):
         """Wrap ``runner`` (default: ``model``; a module whose forward uses all of ``model``) for this world,
         register ``model`` under ``name`` for checkpoints, and return the wrapped runner."""
+        if self.args.gradient_checkpointing:
+            from .packed import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
         wrapped = self.dist.wrap(runner if runner is not None else model)
         self.models[name], self.wrapped[name] = model, wrapped
         return wrapped
+
+    def use_packing(self, **models) -> bool:
+        """Whether forward passes run packed micro-batches (``padding_free``; see ``packed.choose_packing``)."""
+        from .packed import choose_packing
+
+        return choose_packing(self.args.padding_free, models)
 
     # ---- optimisation -------------------------------------------------------------------------------------
     def create_optimizer_and_scheduler(self, parameters: Iterable[torch.nn.Parameter], num_training_steps: int):

@@ -10,7 +10,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .._validation import check_option, did_you_mean
 from ..reference.losses import AGG_MODES
@@ -55,6 +55,9 @@ class TrainingConfig:
     device: Optional[str] = None  # default: cuda (this rank's LOCAL_RANK) when available, else cpu
     distributed: str = "auto"  # auto (ddp when torchrun starts > 1 process) | none | ddp | fsdp2; docs/distributed.md
     on_nonfinite: str = "error"  # a NaN / inf loss or gradient norm: "error" stops the run, "skip" skips the step
+    # packed micro-batches (one row, no padding): auto (where every model's attention can be packed) | true | false
+    padding_free: Union[str, bool] = "auto"
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
 
     def __post_init__(self) -> None:
         _coerce_types(self)  # YAML reads 1e-5 as the string '1e-5': coerce, or refuse naming the field
@@ -77,6 +80,7 @@ class TrainingConfig:
             raise ValueError(f"resume_from: no checkpoint directory at {self.resume_from!r} (expected a "
                              "checkpoint-N directory, 'latest' or null)")
         _check_device(self.device)
+        self.padding_free = _padding_free(self.padding_free)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainingConfig":
@@ -314,6 +318,16 @@ def _coerce(name: str, expected, value):
             return list(value)
         refuse()
     return value
+
+
+def _padding_free(value):
+    """``"auto"``, True or False (YAML's true / false, or those words as strings)."""
+    words = {"auto": "auto", "true": True, "false": False}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise ValueError(f"padding_free: expected auto, true or false, got {value!r} ({type(value).__name__})")
 
 
 def _article(label: str) -> str:

@@ -168,8 +168,30 @@ def choose_packing(setting, models: dict) -> bool:
 def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Activation checkpointing of every decoder layer (``transformers``' own, non-reentrant: it composes with
     packed attention, DDP and FSDP2); a model without support gets a ``ValueError`` naming it."""
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if not callable(enable) or not getattr(model, "supports_gradient_checkpointing", False):
+    if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing "
-                         "(transformers' gradient_checkpointing_enable)")
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                         "(transformers' activation checkpointing)")
+    kwargs = {"use_reentrant": False}
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def token_logprobs(model, batch: MicroBatch, *, temperature: float, from_hidden: bool = False) -> torch.Tensor:
+    """log p(``batch.labels``) at every position under ``model`` at ``temperature`` (the shape of ``input_ids``).
+
+    ``from_hidden``: fused lm_head + log-softmax, never building the logits; ``model`` is then a ``FusedLinearLM``
+    (bare, or inside DDP / FSDP2: called through its forward) or a bare causal LM (one process only)."""
+    from .. import ops
+
+    if from_hidden:
+        from ..modeling import FusedLinearLM, sequence_logprobs
+        from .distributed import unwrap
+
+        kwargs = dict(temperature=temperature, position_ids=batch.position_ids, labels=batch.labels)
+        if isinstance(unwrap(model), FusedLinearLM):
+            return model(batch.input_ids, batch.attention_mask, **kwargs)
+        return sequence_logprobs(model, batch.input_ids, batch.attention_mask, **kwargs)
+    logits = model(**batch.model_inputs()).logits
+    return ops.selective_log_softmax(logits, batch.labels, temperature=temperature)

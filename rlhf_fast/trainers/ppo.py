@@ -28,9 +28,9 @@ from .config import PPOConfig
 from .data import check_dataset, encode_prompt, pad_right, pad_token_id, truncate_left
 from .metrics import plot_metrics
 from .peft_support import adapter_disabled, apply_peft, peft_model_in
-from .heads import PerTokenScalar, last_token_scores
-from .rollout import (Generation, generate, per_token_in_micro_batches, plan_micro_batches, response_mask,
-                      token_logprobs)
+from .heads import PerTokenScalar
+from .packed import MicroBatch, per_token_in_micro_batches, token_logprobs
+from .rollout import Generation, generate, plan_micro_batches, response_mask
 
 RewardFunction = Callable[[list, list], Sequence[float]]  # (prompts, completions) -> one score per completion
 
@@ -95,6 +95,9 @@ class PPOTrainer(BaseTrainer):
             for module in (model, ref_model, self.value_model, reward_model):
                 if isinstance(module, torch.nn.Module):
                     disable_dropout(module)
+        # packed micro-batches (padding_free) in every scoring and training forward
+        self.packed = self.use_packing(model=model, ref_model=ref_model, value_model=self.value_model,
+                                       reward_model=reward_model)
         self.policy = model
         # logprobs_from_hidden: the body and the fused linear loss run inside one module's forward (FusedLinearLM,
         # the model's parameters under the model's names), which is what DDP / FSDP2 wrap; else the model itself.
@@ -277,18 +280,18 @@ class PPOTrainer(BaseTrainer):
         budget = self._budget(sequences)
 
         def logprobs_of(model):
-            def fn(i, a):
+            def fn(batch):
                 with self.autocast():
-                    return token_logprobs(model, i, a, temperature=args.temperature,
+                    return token_logprobs(model, batch, temperature=args.temperature,
                                           from_hidden=args.logprobs_from_hidden)
             return fn
 
         values = None
         if self.value_head is not None:  # one forward of the policy and its head: old log-probs and values
-            def policy_fn(i, a):
+            def policy_fn(batch):
                 with self.autocast():
-                    logp, head_values = self.policy_train(i, a, temperature=args.temperature)
-                    return logp, head_values[:, :-1]
+                    return self.policy_train(batch.input_ids, batch.attention_mask, temperature=args.temperature,
+                                             position_ids=batch.position_ids, labels=batch.labels)
             old_logp, values = self._per_token(policy_fn, sequences, budget, outputs=2)
             old_logp, values = old_logp * mask, values * mask
         else:
@@ -296,9 +299,9 @@ class PPOTrainer(BaseTrainer):
         with adapter_disabled(self.policy_train) if self.adapter_reference else contextlib.nullcontext():
             ref_logp = self._per_token(logprobs_of(self.ref_model), sequences, budget) * mask
         if self.value_model is not None:
-            def value_fn(i, a):
+            def value_fn(batch):
                 with self.autocast():
-                    return self.value_train(i, a)[:, :-1]
+                    return self.value_train(batch.input_ids, batch.attention_mask, batch.position_ids)
             values = self._per_token(value_fn, sequences, budget) * mask
         prompts_text = [self.prompts[i] for i in prompt_indices for _ in range(args.num_generations)]
         completions = self._decode(gen.response_ids)
@@ -311,7 +314,7 @@ class PPOTrainer(BaseTrainer):
         advantages, returns = self._advantages(scores, kl, kl_in_reward, mask, values, response_lens)
         time_score = time.perf_counter() - start
         # host copies of what planning and loss normalisation read (lengths, response tokens): no sync in update
-        return dict(ids=ids, attention=attention, mask=mask, lengths=torch.tensor([len(s) for s in sequences]),
+        return dict(ids=ids, attention=attention, mask=mask, sequences=sequences, lengths=torch.tensor([len(s) for s in sequences]),
                     host_lengths=[len(s) for s in sequences], host_mask_counts=mask.sum(-1).tolist(),
                     old_logp=old_logp, ref_logp=ref_logp, values=values, advantages=advantages, returns=returns,
                     scores=scores, kl=kl.sum(-1), response_lens=torch.tensor(response_lens, dtype=torch.float32),
@@ -327,16 +330,19 @@ class PPOTrainer(BaseTrainer):
         """``fn`` on this rank's micro-batches; each row is computed by one rank and zero on the others, so a
         sum over ranks gives every rank the whole batch (exactly: x + 0 = x). ``outputs > 1``: ``fn`` returns
         that many per-token tensors, all-reduced together, and so does this."""
-        out = per_token_in_micro_batches(fn, sequences, per_sequence=per_sequence, outputs=outputs, **budget)
+        out = per_token_in_micro_batches(fn, sequences, budget["micro_batches"], packed=self.packed,
+                                         pad_id=self.pad_id, device=self.device, per_sequence=per_sequence,
+                                         outputs=outputs)
         if outputs == 1:
             return self.dist.all_reduce_sum(out)
         return tuple(self.dist.all_reduce_sum(torch.stack(out)).unbind(0))
 
     def _score(self, sequences, prompts, completions, budget) -> torch.Tensor:
         if self.reward_scorer is not None:
-            def fn(i, a):
+            def fn(batch):
                 with self.autocast():
-                    return last_token_scores(self.reward_scorer(i, a), a)
+                    return batch.last_token(self.reward_scorer(batch.input_ids, batch.attention_mask,
+                                                               batch.position_ids))
             return guards.check_finite_scores(self._per_token(fn, sequences, budget, per_sequence=True),
                                               source="reward_model")
         rows = sorted(i for micro in budget["micro_batches"] for i in micro)  # this rank's share of the calls
@@ -382,46 +388,47 @@ class PPOTrainer(BaseTrainer):
         shares of the minibatch losses (each divides by the minibatch's global counts), so their sum over the
         micro-batches of all ranks is the minibatch loss."""
         args = self.args
-        width = max(exp["host_lengths"][i] for i in rows)  # host data: no device read
-        index = torch.tensor(rows, device=self.device)
-        ids = exp["ids"][index, :width].to(self.device)
-        attention = exp["attention"][index, :width].to(self.device)
+        # one packed row or one padded batch (padding_free); per-token data in its layout, one value per position
+        batch = MicroBatch(exp["sequences"], rows, packed=self.packed, pad_id=self.pad_id, device=self.device)
+        inputs = dict(position_ids=batch.position_ids, labels=batch.labels)
 
         def take(name):
-            return exp[name][index, : width - 1].to(self.device)
+            return batch.take(exp[name])
 
-        mask, labels = take("mask"), ids[:, 1:]
+        mask = take("mask")
         kl_in_loss = args.kl_penalty == "loss" and self.kl_coef > 0
         common = dict(
             ref_logp=take("ref_logp") if kl_in_loss else None, kl_coef=self.kl_coef if kl_in_loss else 0.0,
             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, temperature=args.temperature,
             clip_low=args.cliprange, clip_high=args.cliprange_high, dual_clip=args.dual_clip, agg=args.loss_agg,
-            num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=exp["mask"].shape[1],
+            num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=exp["mask"].shape[1], cu_seqlens=batch.cu_seqlens,
         )
         new_values = None
         with self.autocast():
             if self.value_head is not None:  # CausalLMWithValueHead: the policy loss and the values, one forward
                 temperature = common.pop("temperature")
-                loss, stats, head_values = self.policy_train(ids, attention, temperature=temperature, ppo_loss=dict(
-                    old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
-                new_values = head_values[:, :-1]
+                loss, stats, new_values = self.policy_train(
+                    batch.input_ids, batch.attention_mask, temperature=temperature, **inputs, ppo_loss=dict(
+                        old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
             elif args.logprobs_from_hidden:  # FusedLinearLM: body, head and loss inside the wrapped forward
                 temperature = common.pop("temperature")
-                loss, stats = self.policy_train(ids, attention, temperature=temperature, ppo_loss=dict(
-                    old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
+                loss, stats = self.policy_train(
+                    batch.input_ids, batch.attention_mask, temperature=temperature, **inputs, ppo_loss=dict(
+                        old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
             else:
-                logits = self.policy_train(input_ids=ids, attention_mask=attention).logits[:, :-1]
-                loss, stats = ops.fused_ppo_loss(logits, labels, take("old_logp"), take("advantages"), mask,
+                logits = self.policy_train(**batch.model_inputs()).logits
+                loss, stats = ops.fused_ppo_loss(logits, batch.labels, take("old_logp"), take("advantages"), mask,
                                                  **common)
             stats = {k: v.detach().float() for k, v in stats.items()}
             losses = {"pg_loss": loss.detach().float()}
             if self.value_model is not None:
-                new_values = self.value_train(ids, attention)[:, :-1]
+                new_values = self.value_train(batch.input_ids, batch.attention_mask, batch.position_ids)
             if new_values is not None:
                 vf_loss, vf_stats = ops.ppo_value_loss(new_values, take("values"), take("returns"), mask,
                                                        clip=args.cliprange_value, agg=args.loss_agg,
                                                        num_tokens=num_tokens, num_seqs=num_seqs,
-                                                       loss_scale=exp["mask"].shape[1])
+                                                       loss_scale=exp["mask"].shape[1],
+                                                       cu_seqlens=batch.cu_seqlens)
                 stats["vf_clip_frac"] = vf_stats["clip_frac"].detach().float()
                 losses["vf_loss"] = vf_loss.detach().float()
                 loss = loss + args.vf_coef * vf_loss
