@@ -35,16 +35,15 @@ class MicroBatch:
         if packed:
             batch = batching.pack(sequences, indices=self.rows)
             ids = torch.from_numpy(batch.input_ids)
-            self.cu_seqlens = torch.from_numpy(batch.cu_seqlens.astype(np.int64))  # host: indices are host data
+            self.cu_seqlens = batch.cu_seqlens.astype(np.int64)  # a host array: the ops read it without a sync
             self.max_seqlen = batch.max_seqlen
             self.input_ids = ids.to(device)
             self.position_ids = torch.from_numpy(batch.position_ids).to(device)
             self.attention_mask = None
             self.labels = torch.roll(ids, -1, dims=1).to(device)  # next token; across a boundary: masked
-            starts = self.cu_seqlens[:-1]
-            lengths = torch.tensor(self.lengths)
-            self._row = torch.repeat_interleave(torch.arange(len(self.rows)), lengths)  # row of each position
-            self._time = torch.arange(int(self.cu_seqlens[-1])) - starts[self._row]  # its index in the sequence
+            row = np.repeat(np.arange(len(self.rows)), self.lengths)
+            self._row = torch.from_numpy(row)  # the sequence of each position
+            self._time = torch.from_numpy(batch.position_ids.reshape(-1).copy())  # its index in the sequence
         else:
             ids, attention = pad_right([sequences[i] for i in self.rows], pad_id)
             self.cu_seqlens = None
@@ -105,7 +104,7 @@ class MicroBatch:
         """``[b]`` entries of per-position ``values`` on each sequence's last token."""
         lengths = torch.tensor(self.lengths, device=values.device)
         if self.packed:
-            return values.reshape(-1)[torch.as_tensor(self.cu_seqlens[1:], device=values.device) - 1]
+            return values.reshape(-1)[torch.as_tensor(self.cu_seqlens[1:] - 1, device=values.device)]
         return values[torch.arange(len(self.rows), device=values.device), lengths - 1]
 
 
