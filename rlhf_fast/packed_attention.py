@@ -25,7 +25,7 @@ import torch
 NAME = "rlhf_fast_varlen"
 _DEFAULT_INNER = "sdpa"
 _inner: dict[int, str] = {}  # id(config) -> the implementation it had before (padded and cached calls go there)
-_bounds_cache: list = [None, None, None]  # (position_ids tensor, its version, bounds): one host read per forward
+_bounds_cache: list = [None, None, None, {}]  # (position_ids, its version, bounds, group plans): once per forward
 
 
 def _flash_varlen():
@@ -154,7 +154,7 @@ def varlen_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_f
 def sequence_bounds(position_ids: torch.Tensor, rows: int, length: int) -> list[list[tuple[int, int]]]:
     """``[(start, end), ...]`` of the sequences in each row: a sequence starts where ``position_ids`` does not
     continue the previous token's position by one (transformers' own packed-row rule)."""
-    cached, version, bounds = _bounds_cache
+    cached, version, bounds = _bounds_cache[:3]
     if cached is position_ids and version == position_ids._version:
         return bounds
     ids = position_ids.reshape(-1, position_ids.shape[-1])
@@ -164,13 +164,66 @@ def sequence_bounds(position_ids: torch.Tensor, rows: int, length: int) -> list[
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1] + 1
     bounds = []
-    for row in starts.cpu().tolist():
-        cuts = [t for t, s in enumerate(row) if s] + [length]
+    for row in starts.cpu():
+        cuts = row.nonzero().flatten().tolist() + [length]
         bounds.append(list(zip(cuts[:-1], cuts[1:])))
     if len(bounds) == 1 and rows > 1:
         bounds = bounds * rows
-    _bounds_cache[:] = [position_ids, position_ids._version, bounds]
+    _bounds_cache[:] = [position_ids, position_ids._version, bounds, {}]
     return bounds
+
+
+def length_groups(lengths: list[int], slack: float = 0.5) -> list[list[int]]:
+    """Sequences (indices into ``lengths``) in groups that one padded attention call serves: longest first, a
+    sequence joins the open group while ``size * longest^2 <= (1 + slack) * sum(L^2)`` (padding adds at most
+    ``slack`` to the group's attention work), so many short sequences of similar length take one call and a long
+    one takes its own."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, current, squares = [], [], 0
+    for i in order:
+        square = lengths[i] ** 2
+        if current and (len(current) + 1) * lengths[current[0]] ** 2 <= (1 + slack) * (squares + square):
+            current.append(i)
+            squares += square
+            continue
+        if current:
+            groups.append(current)
+        current, squares = [i], square
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _group_plan(bounds_row: list[tuple[int, int]], device, sliding_window):
+    """Per group of one row: token index ``[g, Lg]`` into the row, the key mask (None: plain causal), and the
+    inverse order that puts the groups' tokens back in row order. Cached for the forward (all layers share it)."""
+    cache = _bounds_cache[3] if len(_bounds_cache) > 3 else {}
+    key = (tuple(bounds_row), str(device), sliding_window)
+    if key in cache:
+        return cache[key]
+    lengths = [end - start for start, end in bounds_row]
+    plan, order = [], []
+    for group in length_groups(lengths):
+        width = lengths[group[0]]
+        columns = torch.arange(width)
+        starts = torch.tensor([bounds_row[i][0] for i in group])
+        sizes = torch.tensor([lengths[i] for i in group])
+        valid = columns[None, :] < sizes[:, None]
+        index = torch.where(valid, starts[:, None] + columns[None, :], starts[:, None])
+        mask = None
+        uneven = bool((sizes != width).any())
+        windowed = sliding_window is not None and width > sliding_window
+        if uneven or windowed:
+            allowed = columns[None, :] <= columns[:, None]  # causal
+            if windowed:
+                allowed = allowed & (columns[None, :] > columns[:, None] - sliding_window)
+            mask = (allowed[None, :, :] & valid[:, None, :]).unsqueeze(1).to(device)  # [g, 1, Lg, Lg]
+        plan.append((index.to(device), valid.flatten().to(device), mask))
+        order.append(index[valid])
+    inverse = torch.empty(sum(lengths), dtype=torch.long)
+    inverse[torch.cat(order)] = torch.arange(sum(lengths))
+    cache[key] = (plan, inverse.to(device))
+    return cache[key]
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -218,25 +271,28 @@ def _flash_attention(flash, query, key, value, bounds, dropout, scaling, sliding
 
 
 def _per_sequence_attention(module, query, key, value, bounds, dropout, scaling, sliding_window):
+    """Causal attention of each sequence on its own: sequences of similar length share one SDPA call, padded to
+    the group's longest (a key mask keeps them apart and causal); no work across sequences."""
     from torch.nn.functional import scaled_dot_product_attention
 
     groups = query.shape[1] // key.shape[1]
     outputs = []
     for row_index, row in enumerate(bounds):
+        plan, inverse = _group_plan(row, query.device, sliding_window)
+        q_row, k_row, v_row = query[row_index], key[row_index], value[row_index]  # [h, n, d]
         pieces = []
-        for start, end in row:
-            q = query[row_index:row_index + 1, :, start:end]
-            k = key[row_index:row_index + 1, :, start:end]
-            v = value[row_index:row_index + 1, :, start:end]
+        for index, valid, mask in plan:
+            size, width = index.shape
+
+            def gather(t):  # [h, n, d] -> [g, h, Lg, d]
+                return t[:, index.flatten()].reshape(t.shape[0], size, width, t.shape[-1]).transpose(0, 1)
+
+            q, k, v = gather(q_row), gather(k_row), gather(v_row)
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            mask, causal = None, True
-            if sliding_window is not None and end - start > sliding_window:  # a band within this sequence only
-                t = torch.arange(end - start, device=query.device)
-                mask = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - sliding_window)
-                causal = False
-            pieces.append(scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                       is_causal=causal, scale=scaling))
-        outputs.append(torch.cat(pieces, dim=2) if len(pieces) > 1 else pieces[0])
-    out = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+            out = scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                               scale=scaling)  # [g, h, Lg, d]
+            pieces.append(out.transpose(0, 1).reshape(out.shape[1], size * width, -1)[:, valid])
+        outputs.append(torch.cat(pieces, dim=1)[:, inverse] if len(pieces) > 1 else pieces[0][:, inverse])
+    out = torch.stack(outputs) if len(outputs) > 1 else outputs[0].unsqueeze(0)  # [b, h, n, d]
     return out.transpose(1, 2).contiguous()

@@ -12,7 +12,7 @@ as ``rlhf_fast.trainers`` run them:
 Rows: median ms over the whole batch, ``tokens_per_s`` (real tokens, not padding), peak extra memory on CUDA,
 and ``max_abs_diff`` of the packed result against the padded one (log-probs; loss and gradients), which must be
 at rounding level. The padded layout is the baseline: speedup = padded_ms / packed_ms.
-CPU preset: 2 layers, width 128, V=2048, 24 rollouts; GPU preset: 8 layers, width 1024, V=32,000, 256 rollouts.
+CPU preset: 2 layers, width 128, V=2048, 16 rollouts; GPU preset: 8 layers, width 1024, V=32,000, 256 rollouts.
 """
 from __future__ import annotations
 
@@ -64,8 +64,8 @@ def _run(bench) -> None:
     device = bench.device
     model, dtype = _model(device, bench.quick)
     rng = np.random.default_rng(0)
-    count = 8 if bench.quick else (256 if bench.on_cuda else 24)
-    budgets = [2048] if bench.quick else ([8192, 16384, 32768] if bench.on_cuda else [2560, 4096, 8192])
+    count = 8 if bench.quick else (256 if bench.on_cuda else 16)
+    budgets = [2048] if bench.quick else ([8192, 16384, 32768] if bench.on_cuda else [2048, 4096, 8192])
     prompt_lens, response_lens = rollout_lengths(count, rng)
     if bench.quick:
         response_lens = [min(r, 256) for r in response_lens]
@@ -111,7 +111,7 @@ def _run(bench) -> None:
                                [p.grad.detach().float().clone() for p in model.parameters()])
             for op, fn in (("packing_scoring", score), ("packing_update", update)):
                 ms = bench.measure(op, provider, shape, dtype_name, lambda f=fn, p=packed: f(p), baseline=not packed,
-                                   rep=(2 if bench.quick else 3) if not bench.on_cuda else None)
+                                   rep=2 if not bench.on_cuda else None)
                 if ms:
                     bench._add(op, provider, shape, dtype_name, "tokens_per_s", tokens / (ms * 1e-3))
         logp, loss, grads = results[False]
