@@ -50,6 +50,8 @@ class PPOTrainer(BaseTrainer):
     policy with its adapters disabled (no copy of the weights).
     """
 
+    kind = "ppo"
+
     def __init__(self, args: PPOConfig | None = None, processing_class=None, model=None, ref_model=None,
                  reward_model=None, train_dataset=None, value_model=None, eval_dataset=None,
                  callbacks: Optional[list] = None, peft_config=None):

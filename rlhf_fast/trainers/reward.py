@@ -23,6 +23,8 @@ class RewardTrainer(BaseTrainer):
     peft_config=None).train()``; with a ``peft.PeftConfig`` (``task_type="SEQ_CLS"`` also trains the score head)
     only the adapters train."""
 
+    kind = "reward"
+
     def __init__(self, model, args: RewardConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None):
         super().__init__(args or RewardConfig(), processing_class)

@@ -20,6 +20,8 @@ class SFTTrainer(BaseTrainer):
     """``SFTTrainer(model=..., args=SFTConfig(...), train_dataset=[{"prompt", "completion"}, ...],
     processing_class=tokenizer, peft_config=None).train()``; with a ``peft.PeftConfig`` only the adapters train."""
 
+    kind = "sft"
+
     def __init__(self, model, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None):
         super().__init__(args or SFTConfig(), processing_class)
