@@ -14,6 +14,7 @@ from typing import Any, Optional, Union
 
 from .._validation import check_option, did_you_mean
 from ..reference.losses import AGG_MODES
+from ..rollout.engine import ENGINES
 
 # transformers.get_scheduler names that need nothing but warmup and the step count (the others need
 # lr_scheduler_kwargs or a metric at every step)
@@ -178,6 +179,12 @@ class PPOConfig(TrainingConfig):
     stop_token: Optional[str] = "eos"  # stop at the tokenizer's EOS; None: always generate response_length
     missing_eos_penalty: Optional[float] = None  # subtracted from the score of responses that never stop
     num_generations: int = 1  # samples per prompt (>= 2 for grpo / rloo)
+    # rollout engine (docs/rollout.md): "hf" (model.generate) or "vllm" (a vLLM engine in this process)
+    rollout_engine: str = "hf"
+    vllm_importance_sampling_correction: bool = True  # vllm: truncated importance weights in the policy loss
+    vllm_importance_sampling_cap: float = 3.0  # vllm: the weights' upper bound
+    vllm_gpu_memory_utilization: float = 0.3  # vllm on CUDA: the fraction of the GPU its weights and KV cache take
+    vllm_enable_sleep_mode: bool = False  # vllm on CUDA: free the engine's memory during the update
     # advantages and KL
     advantage_estimator: str = "gae"
     critic: str = "separate"  # gae: "separate" critic model (value_model), or "value_head" on the policy's body
@@ -217,12 +224,14 @@ class PPOConfig(TrainingConfig):
             "num_mini_batches": "[1, inf)", "cliprange": "[0, 1]", "cliprange_high": "[0, inf)",
             "dual_clip": "(1, inf)", "cliprange_value": "(0, inf)", "vf_coef": "[0, inf)",
             "entropy_coef": "(-inf, inf)", "max_tokens_per_micro_batch": "[1, inf)", "eval_steps": "[0, inf)",
+            "vllm_importance_sampling_cap": "(0, inf)", "vllm_gpu_memory_utilization": "(0, 1]",
         })
         check_option("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         check_option("kl_penalty", self.kl_penalty, KL_PENALTY_MODES)
         check_option("critic", self.critic, CRITICS)
         check_option("stop_token", self.stop_token, ("eos", None))
         check_option("loss_agg", self.loss_agg, AGG_MODES)
+        check_option("rollout_engine", self.rollout_engine, ENGINES)
         if self.critic == "value_head" and self.advantage_estimator != "gae":
             raise ValueError(f"critic='value_head' needs advantage_estimator='gae' (got "
                              f"{self.advantage_estimator!r}, which uses no critic); drop critic or use 'gae'")

@@ -30,7 +30,8 @@ from .metrics import plot_metrics
 from .peft_support import adapter_disabled, apply_peft, peft_model_in
 from .heads import PerTokenScalar
 from .packed import MicroBatch, per_token_in_micro_batches, token_logprobs
-from .rollout import Generation, generate, plan_micro_batches, response_mask
+from .rollout import Generation, plan_micro_batches, response_mask
+from ..rollout.engine import SamplingSettings
 
 RewardFunction = Callable[[list, list], Sequence[float]]  # (prompts, completions) -> one score per completion
 
@@ -122,6 +123,7 @@ class PPOTrainer(BaseTrainer):
             self.reward_scorer = self.dist.wrap(PerTokenScalar(reward_model), trainable=False)
         self.pad_id = pad_token_id(self.tokenizer)
         self.eos_id = self.tokenizer.eos_token_id if args.stop_token == "eos" else None
+        self.rollout_engine = self._make_rollout_engine(model)
         dataset = check_dataset(train_dataset, "ppo", "train_dataset")
         self.prompts = [r["prompt"] for r in dataset]
         self.prompt_ids = self._encode_prompts(self.prompts, "train_dataset")
@@ -187,6 +189,26 @@ class PPOTrainer(BaseTrainer):
 
         return FusedLinearLM(model)
 
+    def _make_rollout_engine(self, model):
+        """``args.rollout_engine``: ``hf`` samples with ``self.generator``; ``vllm`` starts an engine in this
+        process with the policy's config and weights (rlhf_fast.rollout.vllm_engine)."""
+        from ..rollout import make_engine
+
+        args = self.args
+        if args.rollout_engine == "vllm" and self.dist.world_size > 1:
+            raise ValueError(f"rollout_engine='vllm' runs in one process; under torchrun (world_size="
+                             f"{self.dist.world_size}) use rollout_engine='hf'")
+        return make_engine(args.rollout_engine, model=model, pad_id=self.pad_id, generator=self.generator,
+                           synced_gpus=self.dist.strategy == "fsdp2" and self.dist.world_size > 1,
+                           device=self.device, seed=args.seed,
+                           max_model_len=args.max_length + args.response_length,
+                           gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                           enable_sleep_mode=args.vllm_enable_sleep_mode)
+
+    def close(self) -> None:
+        """Stop the rollout engine (a vLLM engine's processes and memory); the trainer cannot sample after."""
+        self.rollout_engine.close()
+
     @property
     def has_critic(self) -> bool:
         """A trained critic: a separate value model or a value head on the policy."""
@@ -222,11 +244,13 @@ class PPOTrainer(BaseTrainer):
         """Sample on this rank. FSDP2 gathers parameters in every decoding step, so its ranks step in lockstep
         (``synced_gpus``) until the longest of them stops."""
         args = self.args
+        engine = self.rollout_engine
+        engine.wake_up()
+        engine.sync_weights(self.models["model"], version=self.global_step)  # pushes only after an update
+        sampling = SamplingSettings(max_new_tokens=args.response_length, temperature=temperature or args.temperature,
+                                    top_p=args.top_p, top_k=args.top_k, eos_id=self.eos_id, do_sample=do_sample)
         with self.autocast():
-            return generate(self.generator, prompt_ids, pad_id=self.pad_id, eos_id=self.eos_id,
-                            max_new_tokens=args.response_length, temperature=temperature or args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, do_sample=do_sample,
-                            synced_gpus=self.dist.strategy == "fsdp2" and self.dist.world_size > 1)
+            return engine.generate(prompt_ids, sampling)
 
     def _generate_global(self, prompt_ids: list[list[int]]) -> Generation:
         """Every rank samples its contiguous block of ``prompt_ids``; all ranks get all rollouts, in order.
@@ -236,10 +260,10 @@ class PPOTrainer(BaseTrainer):
         rank_count = self.dist.world_size
         padded = prompt_ids + prompt_ids[: (-len(prompt_ids)) % rank_count]  # equal blocks keep ranks in step
         parts = self.dist.all_gather_objects(self._generate(self.dist.shard(padded)))
-        gen = Generation([p for g in parts for p in g.prompt_ids], [r for g in parts for r in g.response_ids],
-                         [s for g in parts for s in g.stopped])
         n = len(prompt_ids)
-        return Generation(gen.prompt_ids[:n], gen.response_ids[:n], gen.stopped[:n])
+        logprobs = None if parts[0].logprobs is None else [lp for g in parts for lp in g.logprobs][:n]
+        return Generation([p for g in parts for p in g.prompt_ids][:n], [r for g in parts for r in g.response_ids][:n],
+                          [s for g in parts for s in g.stopped][:n], logprobs)
 
     def _plan(self, lengths: list[int]) -> list[list[int]]:
         """This rank's micro-batches of a batch of sequences with ``lengths`` (the same plan on every rank).
@@ -311,6 +335,7 @@ class PPOTrainer(BaseTrainer):
         if args.missing_eos_penalty is not None and self.eos_id is not None:
             scores = scores - args.missing_eos_penalty * (~torch.tensor(gen.stopped, device=scores.device)).float()
 
+        is_weights, engine_metrics = self._importance_weights(gen, prompt_lens, old_logp, mask)
         kl = ops.token_kl(old_logp, ref_logp, estimator="k1") * mask  # per-token log-ratio to the reference
         kl_in_reward = self.kl_coef if args.kl_penalty == "reward" else 0.0
         advantages, returns = self._advantages(scores, kl, kl_in_reward, mask, values, response_lens)
@@ -322,7 +347,22 @@ class PPOTrainer(BaseTrainer):
                     scores=scores, kl=kl.sum(-1), response_lens=torch.tensor(response_lens, dtype=torch.float32),
                     stopped=torch.tensor(gen.stopped, dtype=torch.float32), prompts=prompts_text,
                     completions=completions, time_generate=time_generate, time_score=time_score,
-                    rlhf_reward=scores - kl_in_reward * kl.sum(-1))
+                    rlhf_reward=scores - kl_in_reward * kl.sum(-1), is_weights=is_weights,
+                    engine_metrics=engine_metrics)
+
+    def _importance_weights(self, gen: Generation, prompt_lens, old_logp, mask):
+        """Truncated importance weights of the trainer's over the engine's log-probs (``is_weights`` of the loss,
+        or None) and the mismatch metrics; nothing when the engine is the trainer's own model."""
+        if gen.logprobs is None:
+            return None, {}
+        from ..rollout.importance import importance_weights, mismatch_metrics, per_token_engine_logp
+
+        cap = self.args.vllm_importance_sampling_cap
+        engine_logp = per_token_engine_logp(prompt_lens, gen.logprobs, mask.shape[1], device=mask.device)
+        metrics = mismatch_metrics(old_logp, engine_logp, mask, cap=cap)
+        if not self.args.vllm_importance_sampling_correction:
+            return None, metrics
+        return importance_weights(old_logp, engine_logp, mask, cap=cap), metrics
 
     def _budget(self, sequences) -> dict:
         return dict(pad_id=self.pad_id, max_tokens=self.args.max_tokens_per_micro_batch, device=self.device,
@@ -404,6 +444,7 @@ class PPOTrainer(BaseTrainer):
             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, temperature=args.temperature,
             clip_low=args.cliprange, clip_high=args.cliprange_high, dual_clip=args.dual_clip, agg=args.loss_agg,
             num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=exp["mask"].shape[1], cu_seqlens=batch.cu_seqlens,
+            is_weights=take("is_weights") if exp.get("is_weights") is not None else None,
         )
         new_values = None
         with self.autocast():
@@ -522,6 +563,7 @@ class PPOTrainer(BaseTrainer):
         }
         if self.has_critic:
             metrics.update(vf_loss=stats["vf_loss"], vf_clip_frac=stats["vf_clip_frac"])
+        metrics.update(exp["engine_metrics"])
         for callback in self.callbacks:
             metrics.update(callback(self, exp["prompts"], exp["completions"]) or {})
         self._adapt_kl(kl, exp["ids"].shape[0])

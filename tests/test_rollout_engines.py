@@ -1,0 +1,104 @@
+"""Rollout engines without vLLM: the importance weights and mismatch metrics against a direct computation, the
+engine log-probs' layout, the config fields, and the error when the vllm engine is not installed."""
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from rlhf_fast.rollout import SamplingSettings, importance_weights, mismatch_metrics, per_token_engine_logp
+from rlhf_fast.trainers.rollout import response_mask
+
+
+def direct_weights(trainer, engine, mask, cap):
+    rows = []
+    for t_row, e_row, m_row in zip(trainer.tolist(), engine.tolist(), mask.tolist()):
+        rows.append([min(math.exp(t - e), cap) if m else 1.0 for t, e, m in zip(t_row, e_row, m_row)])
+    return torch.tensor(rows)
+
+
+def test_importance_weights_and_cap_match_a_direct_computation():
+    gen = torch.Generator().manual_seed(0)
+    trainer = -torch.rand(4, 7, generator=gen) * 3
+    engine = trainer + torch.randn(4, 7, generator=gen) * 0.8  # some ratios far above the cap
+    mask = (torch.rand(4, 7, generator=gen) > 0.3).float()
+    for cap in (1.0, 1.5, 3.0, 100.0):
+        weights = importance_weights(trainer, engine, mask, cap=cap)
+        torch.testing.assert_close(weights, direct_weights(trainer, engine, mask, cap), rtol=1e-6, atol=1e-6)
+        assert float(weights.max()) <= cap + 1e-6
+    assert bool((importance_weights(trainer, engine, mask, cap=1.5) == 1.5).any())  # the cap was reached
+
+
+def test_mismatch_metrics_match_a_direct_computation():
+    trainer = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-0.1, -3.0, 0.0, 0.0]])
+    engine = torch.tensor([[-1.5, -1.0, -0.5, 9.0], [-0.1, -1.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    out = mismatch_metrics(trainer, engine, mask, cap=1.5)
+    diffs = [-0.5, 1.0, 0.0, 0.0, 2.0]  # engine - trainer on the 5 masked tokens
+    assert out["engine_logp_diff_mean"] == pytest.approx(sum(abs(d) for d in diffs) / 5)
+    assert out["engine_logp_diff_max"] == pytest.approx(2.0)
+    assert out["engine_kl"] == pytest.approx(sum(diffs) / 5)
+    # ratio exp(trainer - engine) > 1.5 only where engine is 0.5 below the trainer (exp(0.5) = 1.65)
+    assert out["engine_is_truncated_frac"] == pytest.approx(1 / 5)
+
+
+def test_importance_weights_refuse_bad_inputs():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="cap: expected a positive value"):
+        importance_weights(x, x, x, cap=0.0)
+    with pytest.raises(ValueError, match="engine_logp: expected the shape"):
+        importance_weights(x, torch.zeros(2, 4), x, cap=2.0)
+
+
+def test_engine_logprobs_sit_on_the_response_mask():
+    prompt_lens, responses = [3, 1, 0], [[-0.1, -0.2], [-0.3, -0.4, -0.5], [-0.6, -0.7, -0.8]]
+    width = 5
+    out = per_token_engine_logp(prompt_lens, responses, width)
+    mask = response_mask(prompt_lens, [len(r) for r in responses], width)
+    assert torch.equal(out != 0, mask > 0)
+    assert out[0, 2:4].tolist() == pytest.approx([-0.1, -0.2])  # label t+1 at position t: p - 1 + j
+    assert out[1, 0:3].tolist() == pytest.approx([-0.3, -0.4, -0.5])
+    assert out[2, 0:2].tolist() == pytest.approx([-0.7, -0.8])  # no position predicts an empty prompt's first token
+
+
+def test_ppo_config_rollout_fields():
+    from rlhf_fast import PPOConfig
+
+    assert PPOConfig().rollout_engine == "hf"
+    with pytest.raises(ValueError, match="rollout_engine: expected one of"):
+        PPOConfig(rollout_engine="sglang")
+    with pytest.raises(ValueError, match="vllm_importance_sampling_cap: expected a positive value"):
+        PPOConfig(vllm_importance_sampling_cap=0)
+    with pytest.raises(ValueError, match="vllm_gpu_memory_utilization"):
+        PPOConfig(vllm_gpu_memory_utilization=1.5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_vllm_engine_not_installed_is_a_clear_error(tokenizer, tmp_path):
+    from rlhf_fast import PPOConfig, PPOTrainer
+    from rlhf_fast.demo.model import tiny_policy
+
+    args = PPOConfig(output_dir=str(tmp_path), rollout_engine="vllm", advantage_estimator="grpo", num_generations=2,
+                     disable_tqdm=True, report_to=[], plot=False)
+    with pytest.raises(ImportError, match=r"rollout_engine='vllm': the vllm package is not importable.*setup_vllm_env"):
+        PPOTrainer(args=args, processing_class=tokenizer, model=tiny_policy(tokenizer, hidden_size=32, layers=1),
+                   reward_model=lambda p, c: [0.0] * len(c), train_dataset=[{"prompt": "anna asks : review the food"}])
+
+
+def test_hf_engine_samples_like_generate(tokenizer):
+    from rlhf_fast.demo.model import tiny_policy
+    from rlhf_fast.rollout import make_engine
+    from rlhf_fast.trainers.data import encode_prompt
+    from rlhf_fast.trainers.rollout import generate
+
+    torch.manual_seed(0)
+    model = tiny_policy(tokenizer, hidden_size=32, layers=1)
+    prompts = [encode_prompt(tokenizer, "anna asks : review the food")] * 3
+    engine = make_engine("hf", model=model, pad_id=tokenizer.pad_token_id)
+    sampling = SamplingSettings(max_new_tokens=5, temperature=1.0, eos_id=tokenizer.eos_token_id)
+    torch.manual_seed(1)
+    out = engine.generate(prompts, sampling)
+    torch.manual_seed(1)
+    expected = generate(model, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=5)
+    assert out.response_ids == expected.response_ids and out.stopped == expected.stopped
+    assert out.logprobs is None and not engine.sync_weights(model, version=3)
