@@ -102,3 +102,41 @@ def test_hf_engine_samples_like_generate(tokenizer):
     expected = generate(model, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=5)
     assert out.response_ids == expected.response_ids and out.stopped == expected.stopped
     assert out.logprobs is None and not engine.sync_weights(model, version=3)
+
+
+def test_rollout_benchmark_quick_records_tokens_and_the_step_split():
+    from rlhf_fast.bench import rollout
+    from rlhf_fast.bench.harness import Bench
+
+    bench = Bench(quick=True, device=torch.device("cpu"))
+    rollout.run(bench)
+    metrics = {(r.op, r.provider, r.metric): r.value for r in bench.rows}
+    assert metrics[("generate", "hf", "tokens_per_s")] > 0
+    for key in ("generate_s", "score_s", "train_s"):
+        assert metrics[("ppo_step", "hf", key)] > 0
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    assert any(provider == "vllm" for _, provider, _ in metrics) == has_vllm
+
+
+def test_importance_weights_reach_the_policy_loss(tokenizer, tmp_path):
+    """Weights of 0.5 on every token halve the policy loss, so the update's (pre-clip) gradient norm halves."""
+    from rlhf_fast import PPOConfig, PPOTrainer
+    from rlhf_fast.demo import task
+    from rlhf_fast.demo.model import tiny_policy
+
+    torch.manual_seed(0)
+    args = PPOConfig(output_dir=str(tmp_path), max_steps=1, learning_rate=1e-30, per_device_train_batch_size=4,
+                     num_generations=2, advantage_estimator="grpo", response_length=5, temperature=1.0,
+                     num_ppo_epochs=1, num_mini_batches=1, kl_coef=0.0, disable_tqdm=True, report_to=[],
+                     plot=False, save_final=False)
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=tiny_policy(tokenizer, hidden_size=32, layers=1),
+                         reward_model=lambda p, c: [float(len(x.split())) for x in c],
+                         train_dataset=[{"prompt": p} for p, _ in task.all_prompts()[:8]])
+    exp = trainer.make_experience(trainer._prompt_batch(0))
+    assert exp["is_weights"] is None and exp["engine_metrics"] == {}  # hf: nothing to correct
+    plain = trainer.update(exp)
+    exp["is_weights"] = torch.full_like(exp["mask"], 0.5)
+    weighted = trainer.update(exp)
+    assert plain["grad_norm"] > 0
+    assert weighted["grad_norm"] == pytest.approx(0.5 * plain["grad_norm"], rel=1e-4)
+    assert weighted["pg_loss"] == pytest.approx(0.5 * plain["pg_loss"], rel=1e-4)

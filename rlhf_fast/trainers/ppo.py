@@ -546,6 +546,7 @@ class PPOTrainer(BaseTrainer):
         """One PPO step (rollout + update); logs and returns the step's metrics."""
         start = time.perf_counter()
         exp = self.make_experience(self._prompt_batch(self.global_step))
+        self.rollout_engine.sleep()  # vllm sleep mode: its memory is free during the update (woken to sample)
         train_start = time.perf_counter()
         stats = self.update(exp)
         time_train = time.perf_counter() - train_start
