@@ -22,8 +22,8 @@ from .harness import optional
 PRESETS = {
     "quick": dict(vocab=512, hidden=64, layers=2, heads=2, kv_heads=2, prompt=16, new=8, batches=(8,), steps=1,
                   step_batch=8),
-    "cpu": dict(vocab=4096, hidden=128, layers=4, heads=4, kv_heads=4, prompt=32, new=32, batches=(8, 64, 128),
-                steps=3, step_batch=64),
+    "cpu": dict(vocab=4096, hidden=128, layers=4, heads=4, kv_heads=4, prompt=32, new=32, batches=(8, 64),
+                steps=2, step_batch=64),
     # Qwen2-0.5B's shape: 24 layers, width 896, 14 query / 2 key-value heads of 64, vocabulary 151,936
     "gpu": dict(vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, prompt=128, new=256,
                 batches=(64, 256), steps=3, step_batch=64),

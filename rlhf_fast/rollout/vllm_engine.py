@@ -48,7 +48,7 @@ def _root_cause(error: BaseException) -> str:
     """The innermost exception's type and first line (vLLM wraps worker errors in EngineDeadError)."""
     while error.__cause__ is not None:
         error = error.__cause__
-    text = (str(error).strip().splitlines() or [""])[0][:300]
+    text = " ".join(line.strip() for line in str(error).strip().splitlines())[:400]
     return f"{type(error).__name__}: {text}"
 
 
@@ -100,6 +100,9 @@ class VLLMEngine(RolloutEngine):
         with open(os.path.join(self._dir, "config.json"), "w", encoding="utf-8") as handle:
             json.dump(config_dict, handle)
         parameter_dtype = next(model.parameters()).dtype
+        positions = config_dict.get("max_position_embeddings")
+        if positions:  # vLLM refuses a length beyond the model's positions (the trainer's is prompt + response)
+            max_model_len = min(max_model_len, positions)
         options = dict(
             model=self._dir, skip_tokenizer_init=True, load_format="dummy", generation_config="vllm",
             logprobs_mode="processed_logprobs", seed=seed, max_model_len=max_model_len,
