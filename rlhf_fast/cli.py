@@ -90,8 +90,7 @@ def _run_demo(args) -> int:
     except (ImportError, ValueError) as error:  # the vllm engine missing or unable to run: one line
         if not str(error).startswith("rollout_engine="):
             raise
-        print(f"rlhf-fast demo: error: {error}", file=sys.stderr)
-        return 2
+        return _user_error("demo", error, USER_ERROR)
     print(json.dumps(summary, indent=2))
     print(f"rlhf-fast demo: outputs in {args.out}")
     return 0

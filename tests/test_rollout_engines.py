@@ -67,9 +67,9 @@ def test_ppo_config_rollout_fields():
     assert PPOConfig().rollout_engine == "hf"
     with pytest.raises(ValueError, match="rollout_engine: expected one of"):
         PPOConfig(rollout_engine="sglang")
-    with pytest.raises(ValueError, match="vllm_importance_sampling_cap: expected a positive value"):
+    with pytest.raises(ValueError, match="vllm_importance_sampling_cap: expected"):
         PPOConfig(vllm_importance_sampling_cap=0)
-    with pytest.raises(ValueError, match="vllm_gpu_memory_utilization"):
+    with pytest.raises(ValueError, match="vllm_gpu_memory_utilization: expected"):
         PPOConfig(vllm_gpu_memory_utilization=1.5)
 
 
