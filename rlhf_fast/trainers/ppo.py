@@ -198,6 +198,9 @@ class PPOTrainer(BaseTrainer):
         if args.rollout_engine == "vllm" and self.dist.world_size > 1:
             raise ValueError(f"rollout_engine='vllm' runs in one process; under torchrun (world_size="
                              f"{self.dist.world_size}) use rollout_engine='hf'")
+        if args.rollout_engine == "vllm" and peft_model_in(model) is not None:
+            raise ValueError("rollout_engine='vllm' pushes the policy's full weights and cannot take LoRA / PEFT "
+                             "adapters yet; use rollout_engine='hf' with peft_config")
         return make_engine(args.rollout_engine, model=model, pad_id=self.pad_id, generator=self.generator,
                            synced_gpus=self.dist.strategy == "fsdp2" and self.dist.world_size > 1,
                            device=self.device, seed=args.seed,
