@@ -139,3 +139,17 @@ def test_importance_weights_reach_the_policy_loss(tokenizer, tmp_path):
     weighted = trainer.update(exp)
     assert plain["grad_norm"] > 0
     assert weighted["grad_norm"] == pytest.approx(0.5 * plain["grad_norm"], rel=1e-4)
+
+
+def test_vllm_engine_with_lora_adapters_is_refused(tokenizer, tmp_path):
+    peft = pytest.importorskip("peft")
+    from rlhf_fast import PPOConfig, PPOTrainer
+    from rlhf_fast.demo.model import tiny_policy
+
+    args = PPOConfig(output_dir=str(tmp_path), rollout_engine="vllm", advantage_estimator="grpo", num_generations=2,
+                     disable_tqdm=True, report_to=[], plot=False)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match="rollout_engine='vllm' .* cannot take LoRA / PEFT adapters"):
+        PPOTrainer(args=args, processing_class=tokenizer, model=tiny_policy(tokenizer, hidden_size=32, layers=1),
+                   reward_model=lambda p, c: [0.0] * len(c), train_dataset=[{"prompt": "anna asks : review the food"}],
+                   peft_config=lora)
