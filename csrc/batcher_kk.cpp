@@ -1,4 +1,5 @@
-// Karmarkar-Karp k-way largest differencing plus a move/swap refinement; see rlhf_fast/batching/_kk.py.
+// Karmarkar-Karp k-way largest differencing on sparse states plus a move/swap refinement; see
+// rlhf_fast/batching/_kk.py for the steps, the order of equal groups and why it is O(n log^2 n) for any k.
 #include <algorithm>
 #include <limits>
 #include <numeric>
@@ -16,24 +17,137 @@ W magnitude(W x) {
     return x < W(0) ? -x : x;
 }
 
-// The partial sums of every state live in flat arrays, k entries per state slot; a merge writes the result
-// into the first state's slot. Groups are linked lists of items (head / tail / next), so a union is O(1).
+// Every group ever formed: its sum, whether it was joined into another, and its items as a linked list.
 template <typename W>
-struct States {
-    int64_t k;
-    std::vector<W> sums;
-    std::vector<int32_t> head, tail, next;
+struct GroupTable {
+    struct Record {
+        W sum;
+        int32_t head, tail;
+        bool joined;
+    };
+    std::vector<Record> groups;
+    std::vector<int32_t> next;  // per item
 
-    States(int64_t slots, int64_t k_, int64_t n)
-        : k(k_), sums(slots * k_, W(0)), head(slots * k_, -1), tail(slots * k_, -1), next(n, -1) {}
-
-    void put(int64_t slot, int64_t group, int64_t item, W weight) {
-        const int64_t at = slot * k + group;
-        sums[at] = weight;
-        head[at] = tail[at] = static_cast<int32_t>(item);
+    GroupTable(const W* w, int64_t n) : next(n, -1) {
+        groups.reserve(2 * n);  // at most n - 1 joins: growing never holds two copies of the table
+        for (int64_t i = 0; i < n; ++i) {
+            groups.push_back({w[i], static_cast<int32_t>(i), static_cast<int32_t>(i), false});
+        }
     }
-    W spread(int64_t slot) const { return sums[slot * k] - sums[slot * k + k - 1]; }
+    W sum(int64_t g) const { return groups[g].sum; }
+    bool joined(int64_t g) const { return groups[g].joined; }
+
+    // A new group holding the items of x then y (both retired); returns its id.
+    int64_t join(int64_t x, int64_t y) {
+        Record& a = groups[x];
+        Record& b = groups[y];
+        a.joined = b.joined = true;
+        next[a.tail] = b.head;
+        groups.push_back({a.sum + b.sum, a.head, b.tail, false});
+        return static_cast<int64_t>(groups.size()) - 1;
+    }
 };
+
+template <typename W>
+struct Key {
+    W sum;
+    int64_t id;
+};
+
+// std heap comparators (true when a is served after b). Groups are ordered by (sum descending, id ascending):
+// `light` serves the last group of that order first, `heavy` the first.
+// (Function objects rather than functions, so that the heap algorithms inline them.)
+struct LightAfter {
+    template <typename K>
+    bool operator()(const K& a, const K& b) const {
+        if (a.sum != b.sum) return a.sum > b.sum;
+        return a.id < b.id;
+    }
+};
+struct HeavyAfter {
+    template <typename K>
+    bool operator()(const K& a, const K& b) const {
+        if (a.sum != b.sum) return a.sum < b.sum;
+        return a.id > b.id;
+    }
+};
+
+// The non-empty groups of one state; `heavy` may still hold joined groups (dropped when they reach the top).
+template <typename W>
+struct State {
+    std::vector<Key<W>> light, heavy;
+
+    void add(const GroupTable<W>& t, int64_t g) {
+        light.push_back({t.sum(g), g});
+        std::push_heap(light.begin(), light.end(), LightAfter());
+        heavy.push_back({t.sum(g), g});
+        std::push_heap(heavy.begin(), heavy.end(), HeavyAfter());
+    }
+    int64_t size() const { return static_cast<int64_t>(light.size()); }
+    int64_t pop_lightest() {
+        std::pop_heap(light.begin(), light.end(), LightAfter());
+        const int64_t g = light.back().id;
+        light.pop_back();
+        return g;
+    }
+    W spread(const GroupTable<W>& t, int64_t k) {
+        while (t.joined(heavy.front().id)) {
+            std::pop_heap(heavy.begin(), heavy.end(), HeavyAfter());
+            heavy.pop_back();
+        }
+        const W lightest = size() == k ? light.front().sum : W(0);
+        return t.sum(heavy.front().id) - lightest;
+    }
+};
+
+// The states being merged, in slots that are reused once their state is merged into another. A one-item state
+// takes no slot until it is served (a slot per item would be n of them, touched in random order).
+template <typename W>
+struct StatePool {
+    std::vector<State<W>> slots;
+    std::vector<int64_t> free;
+
+    int64_t acquire() {
+        if (free.empty()) {
+            slots.emplace_back();
+            return static_cast<int64_t>(slots.size()) - 1;
+        }
+        const int64_t slot = free.back();
+        free.pop_back();
+        return slot;
+    }
+    void release(int64_t slot) {
+        State<W>& s = slots[slot];
+        if (s.light.capacity() > 64) {  // keep small buffers for reuse, give large ones back
+            std::vector<Key<W>>().swap(s.light);
+            std::vector<Key<W>>().swap(s.heavy);
+        }
+        s.light.clear();
+        s.heavy.clear();
+        free.push_back(slot);
+    }
+};
+
+// Merge state b into state a or a into b (whichever has fewer groups moves); returns the merged state's slot.
+// a's i-th heaviest group is joined with b's i-th lightest: only the overlap of the non-empty ones.
+template <typename W>
+int64_t merge(GroupTable<W>& t, StatePool<W>& pool, int64_t ia, int64_t ib, int64_t k, std::vector<int64_t>& a_low,
+              std::vector<int64_t>& b_low) {
+    State<W>& a = pool.slots[ia];
+    State<W>& b = pool.slots[ib];
+    const int64_t overlap = std::max<int64_t>(0, a.size() + b.size() - k);
+    a_low.clear();
+    b_low.clear();
+    for (int64_t j = 0; j < overlap; ++j) a_low.push_back(a.pop_lightest());
+    for (int64_t j = 0; j < overlap; ++j) b_low.push_back(b.pop_lightest());
+    const bool into_a = a.size() >= b.size();
+    State<W>& big = into_a ? a : b;
+    const State<W>& small = into_a ? b : a;
+    for (const Key<W>& key : small.light) big.add(t, key.id);
+    for (int64_t j = 0; j < overlap; ++j) big.add(t, t.join(a_low[overlap - 1 - j], b_low[j]));
+    pool.release(into_a ? ib : ia);
+    return into_a ? ia : ib;
+}
 
 template <typename W>
 struct Entry {
@@ -43,51 +157,13 @@ struct Entry {
 };
 
 // std heap comparator: true when a is served after b (smaller spread, or equal spread and a newer id).
-template <typename W>
-bool served_later(const Entry<W>& a, const Entry<W>& b) {
-    if (a.spread != b.spread) return a.spread < b.spread;
-    return a.id > b.id;
-}
-
-template <typename W>
-struct MergedGroup {
-    W sum;
-    int32_t head, tail;
-    int64_t position;
+struct ServedLater {
+    template <typename E>
+    bool operator()(const E& a, const E& b) const {
+        if (a.spread != b.spread) return a.spread < b.spread;
+        return a.id > b.id;
+    }
 };
-
-template <typename W>
-void merge_into_first(States<W>& s, int64_t slot_a, int64_t slot_b, std::vector<MergedGroup<W>>& tmp) {
-    const int64_t k = s.k;
-    for (int64_t i = 0; i < k; ++i) {
-        const int64_t a = slot_a * k + i, b = slot_b * k + (k - 1 - i);
-        MergedGroup<W>& g = tmp[i];
-        g.sum = s.sums[a] + s.sums[b];
-        g.position = i;
-        if (s.head[a] < 0) {
-            g.head = s.head[b];
-            g.tail = s.tail[b];
-        } else if (s.head[b] < 0) {
-            g.head = s.head[a];
-            g.tail = s.tail[a];
-        } else {
-            s.next[s.tail[a]] = s.head[b];
-            g.head = s.head[a];
-            g.tail = s.tail[b];
-        }
-    }
-    // Descending by sum, equal sums in merge order: the stable sort the Python path does.
-    std::sort(tmp.begin(), tmp.end(), [](const MergedGroup<W>& x, const MergedGroup<W>& y) {
-        if (x.sum != y.sum) return x.sum > y.sum;
-        return x.position < y.position;
-    });
-    for (int64_t i = 0; i < k; ++i) {
-        const int64_t at = slot_a * k + i;
-        s.sums[at] = tmp[i].sum;
-        s.head[at] = tmp[i].head;
-        s.tail[at] = tmp[i].tail;
-    }
-}
 
 struct Change {
     bool found = false;
@@ -135,11 +211,37 @@ Change best_change(const W* w, const Group& heavy, const Group& light, W gap, bo
     return best;
 }
 
+// Lightest first, then lowest index: the refinement's lightest group (its heaviest is HeavyAfter's order).
+struct LighterAfter {
+    template <typename K>
+    bool operator()(const K& a, const K& b) const {
+        if (a.sum != b.sum) return a.sum > b.sum;
+        return a.id > b.id;
+    }
+};
+
+// The top entry of a heap of (sum, group) whose sum is still the group's (stale entries are popped).
+template <typename W, typename After>
+int64_t current_top(std::vector<Key<W>>& heap, const std::vector<W>& sums, After after) {
+    while (heap.front().sum != sums[heap.front().id]) {
+        std::pop_heap(heap.begin(), heap.end(), after);
+        heap.pop_back();
+    }
+    return heap.front().id;
+}
+
 template <typename W>
 void refine(const W* w, Groups& groups, std::vector<W>& sums, bool allow_moves, int64_t max_rounds) {
+    std::vector<Key<W>> heaviest, lightest;
+    for (size_t g = 0; g < sums.size(); ++g) {
+        heaviest.push_back({sums[g], static_cast<int64_t>(g)});
+        lightest.push_back({sums[g], static_cast<int64_t>(g)});
+    }
+    std::make_heap(heaviest.begin(), heaviest.end(), HeavyAfter());
+    std::make_heap(lightest.begin(), lightest.end(), LighterAfter());
     for (int64_t round = 0; round < max_rounds; ++round) {
-        const int64_t heavy = std::max_element(sums.begin(), sums.end()) - sums.begin();
-        const int64_t light = std::min_element(sums.begin(), sums.end()) - sums.begin();
+        const int64_t heavy = current_top(heaviest, sums, HeavyAfter());
+        const int64_t light = current_top(lightest, sums, LighterAfter());
         const W gap = sums[heavy] - sums[light];
         if (!(gap > W(0))) return;
         const Change c = best_change(w, groups[heavy], groups[light], gap, allow_moves);
@@ -156,6 +258,12 @@ void refine(const W* w, Groups& groups, std::vector<W>& sums, bool allow_moves, 
         }
         sums[heavy] = sums[heavy] - d;
         sums[light] = sums[light] + d;
+        for (int64_t g : {heavy, light}) {
+            heaviest.push_back({sums[g], g});
+            std::push_heap(heaviest.begin(), heaviest.end(), HeavyAfter());
+            lightest.push_back({sums[g], g});
+            std::push_heap(lightest.begin(), lightest.end(), LighterAfter());
+        }
     }
 }
 
@@ -163,8 +271,7 @@ void refine(const W* w, Groups& groups, std::vector<W>& sums, bool allow_moves, 
 
 template <typename W>
 Groups kk_partition(const W* w, int64_t n, int64_t k, bool equal_size) {
-    // The state arrays hold slots * k entries and int32 item links: k = 0 sized them to nothing (the first put
-    // wrote out of bounds), and k or n past int32 could overflow slots * k. Refuse instead of trusting callers.
+    // Item links are int32 and k sizes the result: refuse k or n past int32 instead of trusting callers.
     constexpr int64_t limit = std::numeric_limits<int32_t>::max();
     if (k < 1 || k > limit) {
         throw std::invalid_argument("k: expected an integer in [1, " + std::to_string(limit) + "], got " +
@@ -179,10 +286,12 @@ Groups kk_partition(const W* w, int64_t n, int64_t k, bool equal_size) {
     }
     Groups groups(k);
     if (n == 0) return groups;
-    const int64_t slots = equal_size ? n / k : n;
-    States<W> s(slots, k, n);
-    std::vector<Entry<W>> heap;
-    heap.reserve(slots);
+    GroupTable<W> t(w, n);
+    StatePool<W> pool;
+    // The initial states are served from a sorted list, the merged ones from a heap: the next state served is
+    // the first of the two, exactly as from one heap of all (a merged state never goes back to the list).
+    // An initial one-item state is its group, -1 - g, until it is served.
+    std::vector<Entry<W>> initial, heap;
     if (equal_size) {
         std::vector<int64_t> order(n);
         std::iota(order.begin(), order.end(), 0);
@@ -190,42 +299,63 @@ Groups kk_partition(const W* w, int64_t n, int64_t k, bool equal_size) {
             if (w[a] != w[b]) return w[a] < w[b];
             return a < b;
         });
-        for (int64_t c = 0; c < slots; ++c) {
-            for (int64_t j = 0; j < k; ++j) {
-                const int64_t item = order[c * k + (k - 1 - j)];  // descending by (weight, index)
-                s.put(c, j, item, w[item]);
-            }
-            heap.push_back({s.spread(c), c, c});
+        for (int64_t c = 0; c < n / k; ++c) {
+            const int64_t slot = pool.acquire();
+            for (int64_t j = 0; j < k; ++j) pool.slots[slot].add(t, order[c * k + j]);
+            initial.push_back({pool.slots[slot].spread(t, k), c, slot});
         }
     } else {
-        for (int64_t i = 0; i < n; ++i) {
-            s.put(i, 0, i, w[i]);
-            heap.push_back({s.spread(i), i, i});
+        initial.reserve(n);
+        for (int64_t i = 0; i < n; ++i) initial.push_back({k == 1 ? W(0) : w[i], i, -1 - i});
+    }
+    std::sort(initial.begin(), initial.end(), [](const Entry<W>& a, const Entry<W>& b) { return ServedLater()(b, a); });
+    size_t next_initial = 0;
+    auto serve = [&]() {
+        int64_t slot;
+        if (next_initial < initial.size() && (heap.empty() || ServedLater()(heap.front(), initial[next_initial]))) {
+            slot = initial[next_initial++].slot;
+        } else {
+            std::pop_heap(heap.begin(), heap.end(), ServedLater());
+            slot = heap.back().slot;
+            heap.pop_back();
         }
+        if (slot < 0) {
+            const int64_t g = -1 - slot;
+            slot = pool.acquire();
+            pool.slots[slot].add(t, g);
+        }
+        return slot;
+    };
+    std::vector<int64_t> a_low, b_low;
+    int64_t next_id = static_cast<int64_t>(initial.size());
+    while (initial.size() - next_initial + heap.size() > 1) {
+        const int64_t a = serve();
+        const int64_t b = serve();
+        const int64_t merged = merge(t, pool, a, b, k, a_low, b_low);
+        heap.push_back({pool.slots[merged].spread(t, k), next_id++, merged});
+        std::push_heap(heap.begin(), heap.end(), ServedLater());
     }
-    std::make_heap(heap.begin(), heap.end(), served_later<W>);
-    std::vector<MergedGroup<W>> tmp(k);
-    int64_t next_id = slots;
-    while (heap.size() > 1) {
-        std::pop_heap(heap.begin(), heap.end(), served_later<W>);
-        const Entry<W> a = heap.back();
-        heap.pop_back();
-        std::pop_heap(heap.begin(), heap.end(), served_later<W>);
-        const Entry<W> b = heap.back();
-        heap.pop_back();
-        merge_into_first(s, a.slot, b.slot, tmp);
-        heap.push_back({s.spread(a.slot), next_id++, a.slot});
-        std::push_heap(heap.begin(), heap.end(), served_later<W>);
+    const int64_t last_slot = heap.empty() ? initial.back().slot : heap.front().slot;
+    std::vector<int64_t> ids;
+    if (last_slot < 0) {
+        ids.push_back(-1 - last_slot);
+    } else {
+        for (const Key<W>& key : pool.slots[last_slot].light) ids.push_back(key.id);
     }
-    const int64_t last = heap.front().slot;
-    std::vector<W> sums(k);
-    for (int64_t g = 0; g < k; ++g) {
-        sums[g] = s.sums[last * k + g];
-        for (int32_t item = s.head[last * k + g]; item >= 0; item = s.next[item]) {
+    std::sort(ids.begin(), ids.end(), [&t](int64_t x, int64_t y) {
+        if (t.sum(x) != t.sum(y)) return t.sum(x) > t.sum(y);
+        return x < y;
+    });
+    std::vector<W> sums(k, W(0));
+    for (size_t g = 0; g < ids.size(); ++g) {
+        const auto& record = t.groups[ids[g]];
+        sums[g] = record.sum;
+        for (int32_t item = record.head;; item = t.next[item]) {
             groups[g].push_back(item);
-            if (item == s.tail[last * k + g]) break;
+            if (item == record.tail) break;
         }
     }
+    pool = StatePool<W>();  // the refinement needs no states
     refine(w, groups, sums, !equal_size, n);
     for (Group& g : groups) std::sort(g.begin(), g.end());
     return groups;

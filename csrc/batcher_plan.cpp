@@ -1,5 +1,7 @@
-// Micro-batch planning for one set of rank groups; see rlhf_fast/batching/_plan.py for the steps and why.
+// Micro-batch planning for one set of rank groups; see rlhf_fast/batching/_plan.py for the steps and why, and
+// why every step is near-linear in the number of sequences.
 #include <algorithm>
+#include <functional>
 #include <stdexcept>
 #include <string>
 
@@ -21,67 +23,42 @@ int64_t heaviest_group(const Groups& groups, const int64_t* lengths) {
     return best;
 }
 
-// Move the shortest sequence of the heaviest multi-sequence group into each empty group.
-void fill_empty(Groups& groups, const int64_t* lengths) {
-    while (true) {
-        int64_t empty = -1, donor = -1, donor_tokens = 0;
-        for (size_t g = 0; g < groups.size(); ++g) {
-            if (groups[g].empty()) {
-                empty = g;
-                break;
-            }
-        }
-        for (size_t g = 0; g < groups.size(); ++g) {
-            if (groups[g].size() < 2) continue;
-            const int64_t t = tokens(groups[g], lengths);
-            if (donor < 0 || t > donor_tokens) {
-                donor = g;
-                donor_tokens = t;
-            }
-        }
-        if (empty < 0 || donor < 0) return;
-        Group& from = groups[donor];
-        auto shortest = std::min_element(from.begin(), from.end(), [lengths](int64_t a, int64_t b) {
-            if (lengths[a] != lengths[b]) return lengths[a] < lengths[b];
-            return a < b;
-        });
-        groups[empty].push_back(*shortest);
-        from.erase(shortest);
-    }
-}
-
-// KK split of a sorted index list into k groups by tokens.
+// KK split of a sorted index list into k groups by tokens (none empty when there are >= k items).
 Groups split(const Group& items, int64_t k, const int64_t* lengths) {
     if (k < 1) throw std::invalid_argument("split: expected k >= 1, got " + std::to_string(k));
     std::vector<int64_t> weights(items.size());
     for (size_t p = 0; p < items.size(); ++p) weights[p] = lengths[items[p]];
-    Groups positions = kk_partition<int64_t>(weights.data(), weights.size(), k, false);
-    Groups groups(k);
-    for (int64_t g = 0; g < k; ++g) {
-        groups[g].reserve(positions[g].size());
-        for (int64_t p : positions[g]) groups[g].push_back(items[p]);
+    Groups groups = kk_partition<int64_t>(weights.data(), weights.size(), k, false);
+    for (Group& g : groups) {
+        for (int64_t& p : g) p = items[p];
     }
-    fill_empty(groups, lengths);
     return groups;
 }
 
+// First fit, longest first. The bins' free room sits in the leaves of a max-segment tree with one leaf per item
+// (a bin not opened yet has room cap), so the first bin with room is a walk down the tree.
 Groups first_fit_decreasing(const Group& items, const int64_t* lengths, int64_t cap) {
     Group order(items);
     std::sort(order.begin(), order.end(), [lengths](int64_t a, int64_t b) {
         if (lengths[a] != lengths[b]) return lengths[a] > lengths[b];
         return a < b;
     });
+    size_t leaves = 1;
+    while (leaves < order.size()) leaves *= 2;
+    std::vector<int64_t> room(2 * leaves, cap);
     Groups bins;
-    std::vector<int64_t> room;
     for (int64_t i : order) {
-        size_t b = 0;
-        while (b < bins.size() && room[b] < lengths[i]) ++b;
-        if (b == bins.size()) {
-            bins.emplace_back();
-            room.push_back(cap);
-        }
+        const int64_t need = lengths[i];
+        size_t node = 1;
+        while (node < leaves) node = room[2 * node] >= need ? 2 * node : 2 * node + 1;
+        const size_t b = node - leaves;
+        if (b == bins.size()) bins.emplace_back();
         bins[b].push_back(i);
-        room[b] -= lengths[i];
+        room[node] -= need;
+        while (node > 1) {
+            node /= 2;
+            room[node] = std::max(room[2 * node], room[2 * node + 1]);
+        }
     }
     for (Group& g : bins) std::sort(g.begin(), g.end());
     return bins;
@@ -107,23 +84,27 @@ Groups spread(const Group& items, const Groups& base, bool from_kk, int64_t coun
     Groups groups = split(items, count, lengths);
     if (heaviest_group(groups, lengths) <= cap) return groups;
     Groups bins(base);
+    // Halve the heaviest splittable micro-batch (ties: the lowest index) until there are count of them.
+    std::vector<std::pair<int64_t, int64_t>> splittable;  // (-tokens, index): a min-heap via std::greater
+    auto offer = [&](size_t j) {
+        if (bins[j].size() < 2) return;
+        splittable.push_back({-tokens(bins[j], lengths), static_cast<int64_t>(j)});
+        std::push_heap(splittable.begin(), splittable.end(), std::greater<>());
+    };
+    for (size_t j = 0; j < bins.size(); ++j) offer(j);
     while (static_cast<int64_t>(bins.size()) < count) {
-        int64_t heaviest = -1, heaviest_tokens = 0;
-        for (size_t b = 0; b < bins.size(); ++b) {
-            if (bins[b].size() < 2) continue;
-            const int64_t t = tokens(bins[b], lengths);
-            if (heaviest < 0 || t > heaviest_tokens) {
-                heaviest = b;
-                heaviest_tokens = t;
-            }
-        }
-        if (heaviest < 0) {
+        if (splittable.empty()) {
             bins.emplace_back();
             continue;
         }
+        std::pop_heap(splittable.begin(), splittable.end(), std::greater<>());
+        const int64_t heaviest = splittable.back().second;
+        splittable.pop_back();
         Groups halves = split(bins[heaviest], 2, lengths);
         bins[heaviest] = std::move(halves[0]);
         bins.push_back(std::move(halves[1]));
+        offer(heaviest);
+        offer(bins.size() - 1);
     }
     // Moves only go from the heaviest micro-batch to a lighter one, below the heaviest's old count: cap-safe.
     refine_groups<int64_t>(lengths, bins, true, items.size());

@@ -1,7 +1,8 @@
 """Argument checks shared by the public ops.
 
 Every failure names the argument, what was expected and what was received, so a user never has to read a
-kernel to learn why a call was refused. Checks that would need a device sync are limited to the label range.
+kernel to learn why a call was refused. Checks that need a device sync are limited to the label range and the
+values of a non-bool mask.
 """
 from __future__ import annotations
 
@@ -48,6 +49,14 @@ def check_mask(name: str, mask) -> torch.Tensor:
     check_tensor(name, mask)
     if mask.dtype.is_complex:
         raise TypeError(f"{name}: expected a bool, integer or floating 0/1 tensor, got {mask.dtype}")
+    if mask.dtype != torch.bool and mask.numel():
+        # One reduction and one device-to-host copy (a single sync; a bool mask needs none): the ops read any
+        # non-zero as 1, so a 0.5 or a 2 meant as a weight would silently count as 1.
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            where = tuple(torch.nonzero(bad)[0].tolist())
+            raise ValueError(f"{name}: expected only 0 and 1 (a mask, not a weight), got {mask[where].item()} at "
+                             f"index {where}")
     return mask
 
 

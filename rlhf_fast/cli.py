@@ -38,6 +38,10 @@ def _add_training_commands(commands) -> None:
     demo.add_argument("--task", choices=("reviews", "arithmetic"), default="reviews",
                       help="reviews: SFT -> reward model -> PPO (default); arithmetic: SFT -> GRPO on a "
                            "programmatic answer check")
+    demo.add_argument("--rollout-engine", choices=("hf", "vllm"), default="hf",
+                      help="what samples PPO's rollouts: hf generate (default) or vllm (docs/rollout.md)")
+    demo.add_argument("--advantage-estimator", choices=("gae", "grpo", "rloo"), default="gae",
+                      help="PPO with a critic (gae, default) or critic-free grpo / rloo (4 samples per prompt)")
 
 
 # exit status: 0 done, 1 a bug of ours (with its traceback), USER_ERROR a config, data, checkpoint or output
@@ -49,16 +53,19 @@ def _run_training(stage: str, config_path: str) -> int:
     from .trainers.errors import UserError
     from .trainers.from_config import build_trainer
 
+    trainer = None
     try:
         try:  # building checks the config, data, models and checkpoint: what fails here is the user's to fix
             trainer = build_trainer(stage, config_path)
-        except (FileNotFoundError, ValueError, TypeError) as error:
+        except (FileNotFoundError, ValueError, TypeError, ImportError) as error:  # ImportError: rollout_engine=vllm
             return _user_error(stage, error, getattr(error, "exit_code", USER_ERROR))
         try:
             trainer.train()
         except UserError as error:  # raised on purpose while training (a NaN, a damaged file): one line
             return _user_error(stage, error, error.exit_code)
     finally:  # under torchrun: leave the process group cleanly (NCCL warns otherwise)
+        if hasattr(trainer, "close"):  # PPO's rollout engine (a vLLM engine's processes)
+            trainer.close()
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
@@ -82,13 +89,24 @@ def _run_demo(args) -> int:
             print("rlhf-fast demo: error: --task arithmetic trains GRPO on a reward function; --method "
                   f"{args.method} needs the reviews task's preference pairs", file=sys.stderr)
             return USER_ERROR
+        if args.rollout_engine != "hf" or args.advantage_estimator != "gae":
+            print("rlhf-fast demo: error: --task arithmetic runs GRPO with hf generate; --rollout-engine and "
+                  "--advantage-estimator apply to the reviews task", file=sys.stderr)
+            return USER_ERROR
         from .demo.arithmetic import run_arithmetic_demo
 
         summary = run_arithmetic_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads)
     else:
         from .demo.pipeline import run_demo
 
-        summary = run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads, method=args.method)
+        try:
+            summary = run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads,
+                               rollout_engine=args.rollout_engine, advantage_estimator=args.advantage_estimator,
+                               method=args.method)
+        except (ImportError, ValueError) as error:  # the vllm engine missing or unable to run: one line
+            if not str(error).startswith("rollout_engine="):
+                raise
+            return _user_error("demo", error, USER_ERROR)
     print(json.dumps(summary, indent=2))
     print(f"rlhf-fast demo: outputs in {args.out}")
     return 0

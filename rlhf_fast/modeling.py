@@ -154,17 +154,31 @@ def sequence_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     position_ids: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
 ):
     """``logp[B, T-1] = log p(input_ids[:, t+1] | input_ids[:, <= t])`` (float32), and the entropy of each of
     those next-token distributions with ``return_entropy=True``; computed by ``rlhf_fast.ops.linear_logprobs``
     from the hidden states, never from ``[B, T, V]`` logits. Differentiable in the model's parameters.
     Positions under padding (``attention_mask == 0``) get finite values the caller is expected to mask out.
+
+    ``labels[B, T]``: the next token of every position (a packed row: ``position_ids`` restart in each sequence and
+    the last token of each sequence has no next token of its own): ``logp[B, T]`` of those labels instead.
     """
     hidden, weight, bias = head_operands(*hidden_and_lm_head(model, input_ids, attention_mask, position_ids))
+    hidden, labels = _next_token(hidden, input_ids, labels)
     return ops.linear_logprobs(
-        hidden[:, :-1], weight, input_ids[:, 1:], bias=bias, temperature=temperature,
-        return_entropy=return_entropy,
+        hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=return_entropy,
     )
+
+
+def _next_token(per_position: torch.Tensor, input_ids: torch.Tensor, labels: Optional[torch.Tensor]):
+    """``(per_position[:, :-1], input_ids[:, 1:])``, or every position with the caller's ``labels[B, T]``."""
+    if labels is None:
+        return per_position[:, :-1], input_ids[:, 1:]
+    if tuple(labels.shape) != tuple(input_ids.shape):
+        raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} (the shape of input_ids: the next token "
+                         f"of every position), got {tuple(labels.shape)}")
+    return per_position, labels
 
 
 class FusedLinearLM(torch.nn.Module):
@@ -181,6 +195,9 @@ class FusedLinearLM(torch.nn.Module):
       ``ops.fused_linear_ppo_loss(hidden[:, :-1], weight, input_ids[:, 1:], bias=bias, temperature=..., **ppo_loss)``;
     - ``generate(...)``: the model's own ``generate`` (FSDP2 registers it as a forward method, so the head and
       the embedding are gathered for the whole decoding loop).
+
+    Packed rows: pass ``position_ids`` (restarting in each sequence) and ``labels[B, T]`` (the next token of every
+    position); log-probs and per-token loss inputs are then ``[B, T]``, one per position.
 
     The model's children are registered as this module's own children (the model itself is kept unregistered),
     so parameter names, state dicts, DCP checkpoints and optimizer state keys are exactly the model's: a
@@ -211,13 +228,13 @@ class FusedLinearLM(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 temperature: float = 1.0, return_entropy: bool = False, ppo_loss: Optional[dict] = None,
-                position_ids: Optional[torch.Tensor] = None):
+                position_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
         if ppo_loss is None:
             return sequence_logprobs(self.lm, input_ids, attention_mask, temperature=temperature,
-                                     return_entropy=return_entropy, position_ids=position_ids)
+                                     return_entropy=return_entropy, position_ids=position_ids, labels=labels)
         hidden, weight, bias = head_operands(*hidden_and_lm_head(self.lm, input_ids, attention_mask, position_ids))
-        return ops.fused_linear_ppo_loss(hidden[:, :-1], weight, input_ids[:, 1:], bias=bias,
-                                         temperature=temperature, **ppo_loss)
+        hidden, labels = _next_token(hidden, input_ids, labels)
+        return ops.fused_linear_ppo_loss(hidden, weight, labels, bias=bias, temperature=temperature, **ppo_loss)
 
     def generate(self, *args, **kwargs):
         return self.lm.generate(*args, **kwargs)
@@ -267,21 +284,21 @@ class CausalLMWithValueHead(FusedLinearLM):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                 temperature: float = 1.0, ppo_loss: Optional[dict] = None,
-                position_ids: Optional[torch.Tensor] = None):
-        labels = input_ids[:, 1:]
+                position_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None):
         if self.from_hidden:
             hidden, weight, bias = hidden_and_lm_head(self.lm, input_ids, attention_mask, position_ids)
             values = self._values(hidden)
             hidden, weight, bias = head_operands(hidden, weight, bias)
+            hidden, labels = _next_token(hidden, input_ids, labels)
             if ppo_loss is not None:
-                loss, stats = ops.fused_linear_ppo_loss(hidden[:, :-1], weight, labels, bias=bias,
+                loss, stats = ops.fused_linear_ppo_loss(hidden, weight, labels, bias=bias,
                                                         temperature=temperature, **ppo_loss)
                 return loss, stats, values
-            return ops.linear_logprobs(hidden[:, :-1], weight, labels, bias=bias, temperature=temperature), values
+            return ops.linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature), values
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       output_hidden_states=True, use_cache=False)
         values = self._values(out.hidden_states[-1])  # the last hidden states, after the final norm
-        logits = out.logits[:, :-1]
+        logits, labels = _next_token(out.logits, input_ids, labels)
         if ppo_loss is not None:
             loss, stats = ops.fused_ppo_loss(logits, labels, temperature=temperature, **ppo_loss)
             return loss, stats, values

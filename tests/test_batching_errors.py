@@ -97,6 +97,10 @@ CASES = [
     (lambda b: pad(SEQS, fields={"t": [np.ones(3, "m8[s]"), np.ones(2, "m8[s]")]}, backend=b), TypeError,
      ["fields['t'][0]", "numeric or bool", "timedelta64"]),
     (lambda b: pack([np.ones(3, "m8[s]")], backend=b), TypeError, ["sequences[0]", "integer token ids"]),
+    # uint64 ids past int64 (or Python ints that NumPy stores as uint64): refused, not wrapped to negative ids.
+    (lambda b: pack([[1, 2], np.array([5, 2**63, 7], dtype=np.uint64)], backend=b), ValueError,
+     ["sequences[1]", "fit in int64", str(2**63), "position 1"]),
+    (lambda b: pad([[2**64 - 1]], backend=b), ValueError, ["sequences[0]", "fit in int64", str(2**64 - 1)]),
 ]
 
 

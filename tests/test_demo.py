@@ -64,3 +64,14 @@ def test_demo_arithmetic_quick_raises_the_accuracy(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["task"] == "arithmetic" and summary["eval_samples"] == 800
     assert summary["grpo_accuracy"] >= summary["sft_accuracy"] + 0.08, summary
+
+
+@pytest.mark.parametrize("flags", [["--rollout-engine", "vllm"], ["--advantage-estimator", "rloo"],
+                                   ["--method", "dpo"]])
+def test_demo_arithmetic_refuses_the_reviews_options(tmp_path, capsys, flags):
+    """--task arithmetic runs GRPO with hf generate: the reviews task's options are refused in one line."""
+    from rlhf_fast.cli import USER_ERROR
+
+    assert main(["demo", "--task", "arithmetic", "--quick", "--out", str(tmp_path), *flags]) == USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlhf-fast demo: error: --task arithmetic") and "\n" not in err

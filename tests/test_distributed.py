@@ -13,6 +13,9 @@ changes the sample; no split of a batch can reproduce one process's draws. The P
 prompt, its index among the prompt's samples and the step). Everything after generation is the real code path:
 the all-gather of the rollouts, the batcher's cross-rank plan, the scoring passes summed over ranks, advantages
 and whitening on the global batch, and the update with globally normalised losses.
+
+Every run is on packed micro-batches (``padding_free: auto``; the runs assert it), and one (the value head on the
+fused linear path) with ``gradient_checkpointing``.
 """
 import json
 import os
@@ -55,6 +58,7 @@ def reward_run(tokenizer, out, world, **overrides):
     args = RewardConfig(output_dir=str(out), max_steps=2, learning_rate=0.3, per_device_train_batch_size=8 // world,
                         center_rewards_coefficient=0.01, gradient_accumulation_steps=1, **QUIET, **overrides)
     trainer = RewardTrainer(model=tiny(tokenizer, "rm"), args=args, train_dataset=pairs, processing_class=tokenizer)
+    assert trainer.packed  # padding_free: auto packs the micro-batches, in every rank and in one process
     trainer.train()
     return trainer
 
@@ -66,6 +70,7 @@ def sft_run(tokenizer, out, world, **overrides):
     args = SFTConfig(output_dir=str(out), max_steps=2, learning_rate=0.3, per_device_train_batch_size=4 // world,
                      gradient_accumulation_steps=2, **QUIET, **overrides)
     trainer = SFTTrainer(model=tiny(tokenizer), args=args, train_dataset=data, processing_class=tokenizer)
+    assert trainer.packed
     trainer.train()
     return trainer
 
@@ -120,6 +125,7 @@ FROM_HIDDEN = {
 VALUE_HEAD = {
     "value-head": dict(critic="value_head", vf_coef=0.5),
     "value-head-hidden": dict(critic="value_head", vf_coef=0.5, logprobs_from_hidden=True, kl_penalty="loss",
+                              gradient_checkpointing=True,
                               kl_estimator="k3", kl_coef=0.5, entropy_coef=0.05, tie=True, ref_seed=2,
                               reward_model=positive_fraction, prompts_per_step=6, max_tokens_per_micro_batch=16),
 }
@@ -133,6 +139,7 @@ def ppo_trainer(tokenizer, out, world, prompts_per_step=8, reward_model=None, ti
                          ref_model=tiny(tokenizer, seed=ref_seed, tie=tie),
                          reward_model=reward_model or tiny(tokenizer, "rm", seed=1),
                          train_dataset=[{"prompt": p} for p in PROMPTS])
+    assert trainer.packed
     return fixed_rollouts(trainer)
 
 

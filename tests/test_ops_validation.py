@@ -126,3 +126,37 @@ def test_label_range_check_is_one_reduction_and_one_copy():
             check_labels("labels", labels + 1, 7)
         with pytest.raises(ValueError, match=r"labels: .*got -1"):
             check_labels("labels", labels - 1, 7)
+
+
+def _mask_calls(mask):
+    """Every op that takes a mask, called with ``mask`` (shape (2, 3)) and otherwise valid inputs."""
+    x = torch.randn(2, 3)
+    kw = logits_inputs()
+    yield "gae", lambda: ops.gae(x, x, mask)
+    yield "masked_whiten", lambda: ops.masked_whiten(x, mask)
+    yield "ppo_policy_loss", lambda: ops.ppo_policy_loss(x, x, x, mask)
+    yield "ppo_value_loss", lambda: ops.ppo_value_loss(x, x, x, mask)
+    yield "fused_ppo_loss", lambda: call_fused(mask=mask)
+    yield "fused_linear_ppo_loss", lambda: ops.fused_linear_ppo_loss(
+        torch.randn(2, 3, 4), torch.randn(5, 4), kw["labels"], x, x, mask)
+
+
+@pytest.mark.parametrize("bad, shown", [(0.5, "0.5"), (2.0, "2.0"), (-1.0, "-1.0"), (float("nan"), "nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.float16])
+def test_mask_values_other_than_0_and_1_are_refused(bad, shown, dtype):
+    if not dtype.is_floating_point and (bad != bad or bad != int(bad)):
+        pytest.skip("an integer mask cannot hold it")
+    mask = torch.ones(2, 3, dtype=dtype)
+    mask[1, 2] = 0
+    mask[1, 1] = bad
+    shown = shown if dtype.is_floating_point else str(int(bad))
+    for op, call in _mask_calls(mask):
+        with pytest.raises(ValueError, match=rf"mask: expected only 0 and 1 .*got {shown} at index \(1, 1\)"):
+            call()
+
+
+def test_masks_of_0_and_1_in_every_dtype_are_accepted():
+    for dtype in (torch.bool, torch.int32, torch.int64, torch.float16, torch.float32):
+        mask = torch.tensor([[1, 0, 1], [0, 0, 1]]).to(dtype)
+        for op, call in _mask_calls(mask):
+            call()

@@ -106,3 +106,11 @@ def test_truncation_needs_the_logits():
             PPOConfig(top_p=0.9, **kwargs)
     with pytest.raises(ValueError, match=r"top_k: expected a value in \[0, inf\)"):
         PPOConfig(top_k=-1)
+
+
+def test_truncation_with_the_vllm_engine_is_refused():
+    """vllm's log-probs (the importance weights) are not those of the truncated distribution the trainer uses."""
+    for kwargs in (dict(top_p=0.9), dict(top_k=5)):
+        with pytest.raises(ValueError, match="rollout_engine: vllm"):
+            PPOConfig(rollout_engine="vllm", **kwargs)
+    PPOConfig(rollout_engine="vllm")  # untruncated sampling stays allowed

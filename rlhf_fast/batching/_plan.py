@@ -8,13 +8,20 @@
    micro-batches), else its packing from step 2 with the heaviest splittable micro-batch halved (KK, k=2)
    until there are M, then balanced by the move/swap refinement of ``_kk`` (it only moves tokens from the
    heaviest micro-batch to a lighter one and never lifts the lighter one above the heaviest's old count, so
-   the cap still holds). A micro-batch is empty only when a rank has fewer sequences than M.
+   the cap still holds). A micro-batch is empty only when a rank has fewer sequences than M (a KK split of
+   at least k positive lengths leaves no group empty, see ``_kk``).
 4. Order: heaviest micro-batch first on every rank. Ranks step through micro-batches in lockstep (FSDP /
    ZeRO collectives per step), so the j-th micro-batches of all ranks should cost about the same; sorting
    every rank the same way lines them up. Heaviest first also reaches the activation-memory peak on the first
    step, so a too-large ``max_tokens`` fails at once instead of midway.
+
+Every step is near-linear in the number of sequences, whatever M is: KK is O(n log^2 n) (``_kk``), first-fit
+finds each sequence's bin in a max-segment tree over the bins' free room, the halving picks the heaviest
+splittable micro-batch from a heap, and token counts are computed once per micro-batch.
 """
 from __future__ import annotations
+
+import heapq
 
 from ._kk import kk_partition, refine
 
@@ -29,23 +36,8 @@ def plan(lengths: list[int], rank_weights: list, max_tokens: int, num_ranks: int
 
 
 def _split(items: list[int], k: int, lengths: list[int]) -> list[list[int]]:
-    """KK split of a sorted index list into k groups by tokens, no group left empty when avoidable."""
-    groups = [[items[p] for p in g] for g in kk_partition([lengths[i] for i in items], k, False)]
-    _fill_empty(groups, lengths)
-    return groups
-
-
-def _fill_empty(groups: list[list[int]], lengths: list[int]) -> None:
-    # Move the shortest sequence of the heaviest multi-sequence group into each empty group.
-    while True:
-        empty = next((g for g in range(len(groups)) if not groups[g]), None)
-        donors = [g for g in range(len(groups)) if len(groups[g]) >= 2]
-        if empty is None or not donors:
-            return
-        donor = max(donors, key=lambda g: (_tokens(groups[g], lengths), -g))
-        shortest = min(groups[donor], key=lambda i: (lengths[i], i))
-        groups[donor].remove(shortest)
-        groups[empty].append(shortest)
+    """KK split of a sorted index list into k groups by tokens (none empty when there are >= k items)."""
+    return [[items[p] for p in g] for g in kk_partition([lengths[i] for i in items], k, False)]
 
 
 def _fewest(items: list[int], lengths: list[int], cap: int):
@@ -60,17 +52,26 @@ def _fewest(items: list[int], lengths: list[int], cap: int):
 
 
 def _first_fit_decreasing(items: list[int], lengths: list[int], cap: int) -> list[list[int]]:
+    """First fit, longest first. The bins' free room sits in the leaves of a max-segment tree with one leaf
+    per item (a bin not opened yet has room cap), so the first bin with room is a walk down the tree."""
+    leaves = 1
+    while leaves < len(items):
+        leaves *= 2
+    room = [cap] * (2 * leaves)
     bins: list[list[int]] = []
-    room: list[int] = []
     for i in sorted(items, key=lambda i: (-lengths[i], i)):
-        for b in range(len(bins)):
-            if room[b] >= lengths[i]:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(cap - lengths[i])
+        need = lengths[i]
+        node = 1
+        while node < leaves:
+            node = 2 * node if room[2 * node] >= need else 2 * node + 1
+        b = node - leaves
+        if b == len(bins):
+            bins.append([])
+        bins[b].append(i)
+        room[node] -= need
+        while node > 1:
+            node //= 2
+            room[node] = max(room[2 * node], room[2 * node + 1])
     return [sorted(b) for b in bins]
 
 
@@ -83,15 +84,20 @@ def _spread(items, base, from_kk, count, lengths, cap):
     if max(_tokens(g, lengths) for g in groups) <= cap:
         return groups
     bins = [list(b) for b in base]
+    # Halve the heaviest splittable micro-batch (ties: the lowest index) until there are count of them.
+    splittable = [(-_tokens(b, lengths), j) for j, b in enumerate(bins) if len(b) >= 2]
+    heapq.heapify(splittable)
     while len(bins) < count:
-        splittable = [b for b in range(len(bins)) if len(bins[b]) >= 2]
         if not splittable:
             bins.append([])
             continue
-        heaviest = max(splittable, key=lambda b: (_tokens(bins[b], lengths), -b))
+        _, heaviest = heapq.heappop(splittable)
         first, second = _split(bins[heaviest], 2, lengths)
         bins[heaviest] = first
         bins.append(second)
+        for j in (heaviest, len(bins) - 1):
+            if len(bins[j]) >= 2:
+                heapq.heappush(splittable, (-_tokens(bins[j], lengths), j))
     refine(lengths, bins, [_tokens(b, lengths) for b in bins], allow_moves=True, max_rounds=len(items))
     return [sorted(b) for b in bins]
 

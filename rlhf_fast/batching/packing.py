@@ -239,6 +239,11 @@ def _token_ids(sequences, i) -> np.ndarray:
     array = np.asarray(to_numpy(sequences[i]))
     if array.dtype.kind not in "iu":  # not bool, not timedelta64 (an integer subtype in NumPy), not object
         raise TypeError(f"sequences[{i}]: expected integer token ids, got dtype {array.dtype}")
+    if array.dtype == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        # The int64 cast below would wrap the id to a negative one.
+        where = int(np.argmax(array > np.iinfo(np.int64).max))
+        raise ValueError(f"sequences[{i}]: expected token ids that fit in int64, got {int(array[where])} at "
+                         f"position {where}")
     return np.ascontiguousarray(array, dtype=np.int64)
 
 

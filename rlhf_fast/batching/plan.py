@@ -89,17 +89,19 @@ def plan_micro_batches(lengths, max_tokens, *, num_ranks=1, equal_size: bool = F
     if native is None:
         micro_batches = _plan.plan(lengths.tolist(), weights.tolist(), cap, num_ranks, bool(equal_size),
                                    min_micro_batches)
+        count = len(micro_batches[0])
+        sizes = [len(mb) for rank in micro_batches for mb in rank]
+        order = np.fromiter((i for rank in micro_batches for mb in rank for i in mb), np.int64, sum(sizes))
+        offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
     else:
         order, offsets, count = native.batcher_plan(lengths, np.ascontiguousarray(weights), cap,
                                                     num_ranks, bool(equal_size), min_micro_batches)
         flat = split_flat(order, offsets)
         micro_batches = [flat[r * count : (r + 1) * count] for r in range(num_ranks)]
-    return MicroBatchPlan(micro_batches, max_tokens, _token_counts(micro_batches, lengths))
+    return MicroBatchPlan(micro_batches, max_tokens, _token_counts(order, offsets, lengths, num_ranks, count))
 
 
-def _token_counts(micro_batches, lengths: np.ndarray) -> np.ndarray:
-    counts = np.zeros((len(micro_batches), len(micro_batches[0]) if micro_batches else 0), dtype=np.int64)
-    for r, rank in enumerate(micro_batches):
-        for m, mb in enumerate(rank):
-            counts[r, m] = int(lengths[mb].sum()) if mb else 0
-    return counts
+def _token_counts(order: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, ranks: int, count: int):
+    """Tokens of every micro-batch from the flat form (micro-batch j is order[offsets[j]:offsets[j+1]])."""
+    cumulative = np.concatenate([[0], np.cumsum(lengths[order], dtype=np.int64)])
+    return (cumulative[offsets[1:]] - cumulative[offsets[:-1]]).reshape(ranks, count)

@@ -8,7 +8,7 @@ from .harness import Bench
 
 # Families in run order; a module not written yet is skipped.
 # The GPU-heavy families come first so that a time-limited run keeps the numbers that matter most.
-FAMILIES = ("logprobs", "linear", "dpo", "losses", "advantages", "reference", "batching")
+FAMILIES = ("logprobs", "linear", "dpo", "losses", "advantages", "reference", "batching", "packing", "rollout")
 
 
 def available_families() -> list[str]:

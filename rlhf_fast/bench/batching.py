@@ -6,9 +6,17 @@ Cases (full size; ``quick`` shrinks them):
 - ``pack_micro_batches`` / ``pad_micro_batches``: every micro-batch of that plan packed (input_ids,
   position_ids, cu_seqlens, one float32 per-token field) or right-padded with an attention mask.
 - ``plan_and_pack``: the plan followed by packing every micro-batch, as a trainer step does.
+- ``plan_micro_batches_scaling``: 1e4, 1e5 and 1e6 rollouts of 1..8,192 tokens onto 8 ranks, at most 16,384
+  tokens a micro-batch (about n / 32 micro-batches per rank), each size in a fresh process that also reports
+  its peak memory above what it held before planning; ``quick`` runs 1e4 and 1e5, the Python path 1e4 only
+  (and 1e5 in full mode: at 1e6 it takes minutes).
 The Python fallback is the baseline; the speedup column is python_ms / cpp_ms.
 """
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 
@@ -61,3 +69,56 @@ def run(bench) -> None:
                       baseline=base)
         bench.measure("plan_and_pack", backend, shape, "int64+fp32", lambda b=backend: plan_and_pack(b),
                       baseline=base)
+
+    scaling(bench)
+
+
+# One plan size in a fresh process: wall ms of each repeat, CPU ms, and the peak resident memory above what the
+# process held just before (Linux: the high-water mark is reset first; elsewhere ru_maxrss, which may hide it).
+_SCALING_CODE = r"""
+import json, resource, sys, time
+import numpy as np
+from rlhf_fast.batching import plan_micro_batches
+
+n, backend, reps = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+lengths = np.random.default_rng(0).integers(1, 8193, size=n)
+plan_micro_batches(lengths[:1000], 16384, num_ranks=8, backend=backend)
+
+def status(field):
+    with open("/proc/self/status") as handle:
+        return next(int(line.split()[1]) / 1024 for line in handle if line.startswith(field + ":"))
+
+try:
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    before = status("VmRSS")
+except OSError:
+    before = None
+cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+times, cpu_start = [], cpu()
+for _ in range(reps):
+    start = time.perf_counter()
+    plan_micro_batches(lengths, 16384, num_ranks=8, backend=backend)
+    times.append((time.perf_counter() - start) * 1e3)
+peak = status("VmHWM") - before if before is not None else None
+print(json.dumps({"times_ms": times, "cpu_ms": (cpu() - cpu_start) * 1e3 / reps, "peak_extra_mib": peak}))
+"""
+
+
+def scaling(bench) -> None:
+    # (sequences, backend, repeats). The Python fallback at 1e6 takes minutes: run it by hand, e.g.
+    # python -c "from rlhf_fast.bench.batching import _SCALING_CODE as c; exec(c)" 1000000 python 1
+    runs = [(10_000, "python", 3), (10_000, "cpp", 5), (100_000, "cpp", 5)]
+    if not bench.quick:
+        runs += [(100_000, "python", 1), (1_000_000, "cpp", 3)]
+    for n, backend, reps in sorted(runs, key=lambda run: (run[0], run[1] != "python")):
+        shape = f"n={n} ranks=8 cap=16384"
+        done = subprocess.run([sys.executable, "-c", _SCALING_CODE, str(n), backend, str(reps)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"  plan_micro_batches_scaling {backend} {shape} failed: {done.stderr.strip()[-300:]}")
+            continue
+        result = json.loads(done.stdout.splitlines()[-1])
+        bench.record("plan_micro_batches_scaling", backend, shape, "int64", result["times_ms"],
+                     peak_mib=result["peak_extra_mib"], baseline=backend == "python",
+                     extra_metrics={"cpu_ms": result["cpu_ms"]})

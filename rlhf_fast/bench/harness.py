@@ -110,15 +110,28 @@ class Bench:
         if baseline:
             self.baselines[(op, shape, dtype)] = provider
         try:
-            median_ms, spread_ms, peak_mib = self._time(fn, rep)
+            times, peak_mib = self._time(fn, rep)
         except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:  # an OOM or unsupported input is a result too
             print(f"  {op:28s} {provider:24s} {shape:24s} failed: {str(exc).splitlines()[0][:80]}")
             self.rows.append(Row(op, provider, shape, dtype, "error", float("nan")))
             return None
+        return self.record(op, provider, shape, dtype, times, peak_mib=peak_mib, bytes_moved=bytes_moved,
+                           flops=flops)
+
+    def record(self, op, provider, shape, dtype, times: list, *, peak_mib=None, bytes_moved=None, flops=None,
+               baseline: bool = False, extra_metrics: Optional[dict] = None) -> float:
+        """Rows for times (ms) measured elsewhere, e.g. in a fresh process with its peak memory (and any
+        ``extra_metrics``, name -> value, for the CSV); returns the median ms."""
+        if baseline:
+            self.baselines[(op, shape, dtype)] = provider
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        median_ms, spread_ms = statistics.median(times), quartiles[2] - quartiles[0]
         self._add(op, provider, shape, dtype, "ms", median_ms)
         self._add(op, provider, shape, dtype, "ms_iqr", spread_ms)
         if peak_mib is not None:
             self._add(op, provider, shape, dtype, "peak_extra_mib", peak_mib)
+        for metric, value in (extra_metrics or {}).items():
+            self._add(op, provider, shape, dtype, metric, value)
         extra = ""
         if bytes_moved:
             gbps = bytes_moved / (median_ms * 1e-3) / 1e9
@@ -152,8 +165,7 @@ class Bench:
             reps = rep or (3 if self.quick else 10)
             times = cpu_time_ms(fn, warmup=1, rep=reps)
             peak = None
-        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-        return statistics.median(times), quartiles[2] - quartiles[0], peak
+        return times, peak
 
     def _add(self, op, provider, shape, dtype, metric, value):
         self.rows.append(Row(op, provider, shape, dtype, metric, float(value)))

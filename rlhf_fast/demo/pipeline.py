@@ -82,11 +82,15 @@ def _mean_gt(completions) -> float:
 
 
 def run_demo(out_dir: str = "demo_out", *, quick: bool = False, seed: int = 0, threads: int | None = None,
-             progress: bool = True, method: str = "ppo") -> dict:
+             progress: bool = True, method: str = "ppo", rollout_engine: str = "hf",
+             advantage_estimator: str = "gae") -> dict:
     """Run the stages and write metrics, plots, samples and ``summary.json`` to ``out_dir``.
 
     ``method``: ``ppo`` (SFT -> reward model -> PPO), ``dpo`` (SFT -> DPO on the annotator's pairs) or ``both``
-    (SFT, then PPO and DPO each from the same SFT policy, pairs and held-out prompts)."""
+    (SFT, then PPO and DPO each from the same SFT policy, pairs and held-out prompts).
+    ``rollout_engine="vllm"`` samples PPO's rollouts with vLLM; its CPU attention has no kernel for the default
+    models' head size (24), so the models then have 3 heads of 32 instead of 4 of 24 (same width).
+    ``advantage_estimator="grpo"`` / ``"rloo"``: critic-free, 4 samples for each of a quarter of the prompts."""
     if method not in METHODS:
         raise ValueError(f"method: expected one of {list(METHODS)}, got {method!r}")
     from ..trainers import SFTConfig, SFTTrainer
@@ -108,7 +112,7 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, seed: int = 0, t
     # ---- stage 1: SFT on demonstrations ---------------------------------------------------------------------
     stage = time.perf_counter()
     torch.manual_seed(seed)
-    policy = tiny_policy(tokenizer)
+    policy = tiny_policy(tokenizer, **(dict(heads=3) if rollout_engine == "vllm" else {}))
     demos = [{"prompt": p, "completion": task.demonstration(topic, rng)}
              for p, topic in train_prompts for _ in range(sizes.sft_examples_per_prompt)]
     eval_demos = [{"prompt": p, "completion": task.demonstration(topic, rng)} for p, topic in eval_prompts]
@@ -142,7 +146,8 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, seed: int = 0, t
     sft_samples = _sample(sft_policy, tokenizer, eval_texts, temperature=temperature, max_new_tokens=response_length)
     _write_samples(os.path.join(out_dir, "samples_before.txt"), "SFT policy on held-out prompts", eval_texts, sft_samples)
     sft_gt = _mean_gt(sft_samples)
-    summary = {"seed": seed, "quick": quick, "method": method, "rm_train_pairs": len(rm_train),
+    summary = {"seed": seed, "quick": quick, "method": method, "rollout_engine": rollout_engine,
+               "advantage_estimator": advantage_estimator, "rm_train_pairs": len(rm_train),
                "rm_eval_pairs": len(rm_eval), "sft_gt_score": sft_gt,
                "parameters": sum(p.numel() for p in policy.parameters()), "eval_samples": len(eval_texts)}
     stages = ["sft"]
@@ -163,7 +168,8 @@ def run_demo(out_dir: str = "demo_out", *, quick: bool = False, seed: int = 0, t
         stages += ["rm", "ppo"]
         summary.update(_rm_and_ppo_stages(policy, sft_policy, tokenizer, rm_train, rm_eval, train_prompts, eval_texts,
                                           sft_samples, out_dir, common, sizes, seed, timings, response_length,
-                                          temperature))
+                                          temperature, rollout_engine=rollout_engine,
+                                          advantage_estimator=advantage_estimator))
     with open(os.path.join(out_dir, "metrics.jsonl"), "w", encoding="utf-8") as merged:
         for name in stages:
             with open(os.path.join(out_dir, name, "metrics.jsonl"), encoding="utf-8") as handle:
@@ -191,7 +197,8 @@ def _dpo_stage(policy, sft_policy, tokenizer, pairs, eval_pairs, out_dir, common
 
 
 def _rm_and_ppo_stages(policy, sft_policy, tokenizer, rm_train, rm_eval, train_prompts, eval_texts, sft_samples,
-                       out_dir, common, sizes, seed, timings, response_length, temperature) -> dict:
+                       out_dir, common, sizes, seed, timings, response_length, temperature, *,
+                       rollout_engine: str = "hf", advantage_estimator: str = "gae") -> dict:
     """Reward model from the SFT body on the annotator's pairs, then PPO against it (``policy`` is trained)."""
     from transformers import LlamaForSequenceClassification
 
@@ -199,7 +206,7 @@ def _rm_and_ppo_stages(policy, sft_policy, tokenizer, rm_train, rm_eval, train_p
     from ..trainers.metrics import plot_metrics
 
     stage = time.perf_counter()
-    reward_model = LlamaForSequenceClassification(tiny_llama_config(tokenizer))
+    reward_model = LlamaForSequenceClassification(tiny_llama_config(tokenizer, heads=policy.config.num_attention_heads))
     reward_model.model.load_state_dict(policy.model.state_dict())  # start from the SFT body, as InstructGPT
     rm_args = RewardConfig(output_dir=os.path.join(out_dir, "rm"), max_steps=sizes.rm_steps, learning_rate=1e-3,
                            warmup_ratio=0.05, lr_scheduler_type="cosine", per_device_train_batch_size=32,
@@ -216,17 +223,22 @@ def _rm_and_ppo_stages(policy, sft_policy, tokenizer, rm_train, rm_eval, train_p
     def ground_truth_of_rollouts(trainer, prompts, completions):  # evaluation only: PPO never sees it
         return {"gt_score": _mean_gt(completions)}
 
+    group = 1 if advantage_estimator == "gae" else 4  # the same number of rollouts per step
     ppo_args = PPOConfig(
         output_dir=os.path.join(out_dir, "ppo"), max_steps=sizes.ppo_steps, learning_rate=1.5e-4,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=4, per_device_train_batch_size=sizes.ppo_prompts_per_step,
-        response_length=response_length, temperature=temperature, num_ppo_epochs=4, num_mini_batches=2,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=4,
+        per_device_train_batch_size=sizes.ppo_prompts_per_step // group, num_generations=group,
+        advantage_estimator=advantage_estimator, rollout_engine=rollout_engine, response_length=response_length, temperature=temperature, num_ppo_epochs=4, num_mini_batches=2,
         kl_coef=0.1, target_kl=2.0, kl_horizon=200, vf_coef=0.5, cliprange=0.2, cliprange_value=0.2,
         missing_eos_penalty=1.0, **common,
     )
     ppo = PPOTrainer(args=ppo_args, processing_class=tokenizer, model=policy, ref_model=sft_policy,
                      reward_model=reward_model, train_dataset=[{"prompt": p} for p, _ in train_prompts],
                      callbacks=[ground_truth_of_rollouts])
-    history = ppo.train()
+    try:
+        history = ppo.train()
+    finally:
+        ppo.close()  # a vLLM engine's processes
     torch.manual_seed(seed + 1)
     ppo_samples = _sample(policy, tokenizer, eval_texts, temperature=temperature, max_new_tokens=response_length)
     timings["ppo_s"] = time.perf_counter() - stage

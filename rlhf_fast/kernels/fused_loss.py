@@ -52,6 +52,7 @@ from ._autograd import first_order_only
 from ._ppo_math import ESTIMATOR_CODES, kl_token, policy_token_loss
 from .logprobs import (
     _inv_temperature,
+    _lse,
     _online_lse_pass,
     _strides,
     forward_config,
@@ -128,7 +129,7 @@ def _ppo_fwd_kernel(
     x_ptr = X + r * stride_xr + tt * stride_xt
     m, s, t = _online_lse_pass(x_ptr, V, inv_t, HAS_TEMP, True, BLOCK_V)
     log_s = tl.log(s)
-    lse = m + log_s
+    lse = _lse(m, log_s)
     ent = log_s - t / s
     label = tl.load(LABELS + r * stride_lr + tt * stride_lt).to(tl.int64)
     z_label = tl.load(x_ptr + label).to(tl.float32)

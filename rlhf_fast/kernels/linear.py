@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ..reference.losses import policy_loss_terms
 from ._autograd import first_order_only
+from .logprobs import _lse
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def _lse_combine_kernel(part_ptr, lse_ptr, logp_ptr, ent_ptr, N, num_splits, pla
         t += tl.load(ptr_t, mask=mask, other=0.0) * alpha
         z_label += tl.load(ptr_t + plane, mask=mask, other=0.0)
         ptr += N
-    lse = m_max + tl.log(s)
+    lse = _lse(m_max, tl.log(s))
     tl.store(lse_ptr + rows, lse, mask=mask)
     tl.store(logp_ptr + rows, z_label - lse, mask=mask)
     tl.store(ent_ptr + rows, lse - t / s, mask=mask)

@@ -74,6 +74,13 @@ def _online_lse_pass(
 
 
 @triton.jit
+def _lse(m, log_s):
+    """``m + log s``, and +inf when the running max is +inf: a +inf logit makes ``s`` nan (inf - inf), while the
+    reference's log-sum-exp is +inf, so a finite label's log-prob is -inf as there (the entropy stays nan)."""
+    return tl.where(m == float("inf"), m, m + log_s)
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     X,
     stride_xr,
@@ -97,7 +104,7 @@ def _logprobs_fwd_kernel(
     x_ptr = X + r * stride_xr + tt * stride_xt
     m, s, t = _online_lse_pass(x_ptr, V, inv_t, HAS_TEMP, WITH_ENTROPY, BLOCK_V)
     log_s = tl.log(s)
-    lse = m + log_s
+    lse = _lse(m, log_s)
     label = tl.load(LABELS + row).to(tl.int64)
     z_label = tl.load(x_ptr + label).to(tl.float32)
     if HAS_TEMP:
@@ -189,8 +196,9 @@ def _logits_grad_kernel(
         p = tl.exp(logp)
         g = tl.where(idx == label, g_logp - g_logp * p, -g_logp * p)
         if HAS_ENT_GRAD:
-            # A -inf logit has p == 0 and contributes 0, never 0 * -inf.
-            g = g - tl.where(p > 0.0, g_ent * p * (logp + ent), 0.0)
+            # A -inf logit has p == 0 and contributes 0, never 0 * -inf; 0 * ent keeps a nan entropy (a +inf
+            # logit in the row) in every lane, as the reference's gradient has it.
+            g = g - tl.where(p > 0.0, g_ent * p * (logp + ent), 0.0 * ent)
         tl.store(dx_ptr + idx, g.to(DX.dtype.element_ty), mask=valid)
 
 

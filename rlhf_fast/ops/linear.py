@@ -7,6 +7,7 @@ import torch
 
 from .. import _validation as v
 from .._dispatch import resolve
+from .losses import _sequence_rows, sequence_loss_terms
 from ._layout import (advantages_as_rows, check_agg_options, check_clip_options, check_importance_sampling_level,
                       check_kl_entropy_options, per_token)
 
@@ -86,9 +87,11 @@ def fused_linear_ppo_loss(
     num_seqs=None,
     loss_scale=None,
     importance_sampling_level: str = "token",
+    cu_seqlens=None,
 ) -> tuple[torch.Tensor, dict]:
     """The loss and stats of ``fused_ppo_loss(hidden @ weight.T + bias, labels, ...)`` for ``hidden[B, T, H]``
-    (or ``[N, H]``), without the ``[N, V]`` logits."""
+    (or ``[N, H]``), without the ``[N, V]`` logits. ``cu_seqlens``: as in ``fused_ppo_loss`` (with a
+    ``seq-mean-*`` mode, ``linear_logprobs`` gives the log-probs and entropies, aggregated per sequence)."""
     _check_linear(hidden, weight, labels, bias)
     shape = labels.shape
     old = per_token("old_logp", old_logp, shape, "labels")
@@ -102,6 +105,15 @@ def fused_linear_ppo_loss(
     clip_low, clip_high, dual_clip = check_clip_options(clip_low, clip_high, dual_clip)
     num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
     importance_sampling_level = check_importance_sampling_level(importance_sampling_level)
+    segments = _sequence_rows(cu_seqlens, shape, "labels", agg, hidden.device, importance_sampling_level)
+    if segments is not None:
+        logp, entropy = linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                        return_entropy=True)
+        return sequence_loss_terms(
+            segments, logp, entropy, old, adv, m, w, ref, kl_coef=kl_coef, kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+            num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale,
+            importance_sampling_level=importance_sampling_level)
     rows, steps = old.shape
     impl = resolve("fused_linear_ppo_loss", hidden.device)
     return impl(

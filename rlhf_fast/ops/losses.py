@@ -23,7 +23,8 @@ from ._layout import (
     check_per_token_shape,
     per_token,
 )
-from .logprobs import check_logits_and_labels
+from ._segments import SEQUENCE_MODES, SegmentRows, check_cu_seqlens
+from .logprobs import check_logits_and_labels, logprobs_and_entropy
 
 
 def _policy_inputs(logp_name, logp_shape, old_logp, advantages, mask, is_weights):
@@ -49,8 +50,11 @@ def ppo_policy_loss(
     num_seqs=None,
     loss_scale=None,
     importance_sampling_level: str = "token",
+    cu_seqlens=None,
 ) -> tuple[torch.Tensor, dict]:
-    """Clipped PPO surrogate; returns ``(loss, stats)`` with ``clip_frac``, ``approx_kl``, ``ratio_mean``."""
+    """Clipped PPO surrogate; returns ``(loss, stats)`` with ``clip_frac``, ``approx_kl``, ``ratio_mean``.
+
+    ``cu_seqlens``: sequence boundaries of a packed row ``[N]`` / ``[1, N]`` (used by the ``seq-mean-*`` modes)."""
     v.check_float("logp", logp)
     check_per_token_shape("logp", logp)
     old, adv, m, w = _policy_inputs("logp", logp.shape, old_logp, advantages, mask, is_weights)
@@ -58,9 +62,14 @@ def ppo_policy_loss(
     clip_low, clip_high, dual_clip = check_clip_options(clip_low, clip_high, dual_clip)
     num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
     importance_sampling_level = check_importance_sampling_level(importance_sampling_level)
+    logp = as_rows(logp)
+    rows = _sequence_rows(cu_seqlens, logp.shape, "logp", agg, logp.device, importance_sampling_level)
+    if rows is not None:
+        logp, old, adv, m, w = (rows(t) for t in (logp, old, adv, m, w))
+        loss_scale = rows.width if loss_scale is None else loss_scale
     impl = resolve("ppo_policy_loss", logp.device)
     return impl(
-        as_rows(logp), old, adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+        logp, old, adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
         is_weights=w, num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale,
         importance_sampling_level=importance_sampling_level,
     )
@@ -77,8 +86,11 @@ def ppo_value_loss(
     num_tokens=None,
     num_seqs=None,
     loss_scale=None,
+    cu_seqlens=None,
 ) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss ``0.5 * max((v - R)^2, (clipped v - R)^2)``; returns ``(loss, stats)``."""
+    """Clipped value loss ``0.5 * max((v - R)^2, (clipped v - R)^2)``; returns ``(loss, stats)``.
+
+    ``cu_seqlens``: sequence boundaries of a packed row ``[N]`` / ``[1, N]`` (used by the ``seq-mean-*`` modes)."""
     v.check_float("values", values)
     check_per_token_shape("values", values)
     old = per_token("old_values", old_values, values.shape, "values")
@@ -88,9 +100,14 @@ def ppo_value_loss(
     if clip is not None:
         clip = v.check_number("clip", clip, at_least=0.0)
     num_tokens, num_seqs, loss_scale = check_agg_options(agg, num_tokens, num_seqs, loss_scale)
+    values = as_rows(values)
+    rows = _sequence_rows(cu_seqlens, values.shape, "values", agg, values.device)
+    if rows is not None:
+        values, old, ret, m = (rows(t) for t in (values, old, ret, m))
+        loss_scale = rows.width if loss_scale is None else loss_scale
     impl = resolve("ppo_value_loss", values.device)
     return impl(
-        as_rows(values), old, ret, m, clip=clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
+        values, old, ret, m, clip=clip, agg=agg, num_tokens=num_tokens, num_seqs=num_seqs,
         loss_scale=loss_scale,
     )
 
@@ -117,12 +134,17 @@ def fused_ppo_loss(
     num_seqs=None,
     loss_scale=None,
     importance_sampling_level: str = "token",
+    cu_seqlens=None,
 ) -> tuple[torch.Tensor, dict]:
     """From ``logits[B, T, V]`` (or ``[N, V]``) to the scalar policy loss
     ``ppo_policy_loss(logp) + kl_coef * agg(token_kl(logp, ref_logp)) - entropy_coef * agg(entropy)``.
 
     ``stats`` adds the masked means ``kl`` and ``entropy``. With ``inplace_grad=True`` the Triton path may write
     the gradient into the ``logits`` buffer: do not read ``logits`` after the call.
+
+    ``cu_seqlens``: sequence boundaries of a packed row (``logits[1, N, V]`` or ``[N, V]``). With a ``seq-mean-*``
+    mode the log-probs and entropies come from ``logprobs_and_entropy`` and are aggregated per sequence (the
+    logits are then kept for the backward instead of being overwritten in place).
     """
     vocab = check_logits_and_labels(logits, labels)
     shape = labels.shape
@@ -136,6 +158,14 @@ def fused_ppo_loss(
     importance_sampling_level = check_importance_sampling_level(importance_sampling_level)
     if not isinstance(inplace_grad, bool):
         raise TypeError(f"inplace_grad: expected a bool, got {type(inplace_grad).__name__}")
+    segments = _sequence_rows(cu_seqlens, shape, "labels", agg, logits.device, importance_sampling_level)
+    if segments is not None:
+        logp, entropy = logprobs_and_entropy(logits, labels, temperature=temperature)
+        return sequence_loss_terms(
+            segments, logp, entropy, old, adv, m, w, ref, kl_coef=kl_coef, kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, agg=agg,
+            num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale,
+            importance_sampling_level=importance_sampling_level)
     rows, steps = old.shape
     impl = resolve("fused_ppo_loss", logits.device)
     return impl(
@@ -145,3 +175,24 @@ def fused_ppo_loss(
         num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=loss_scale,
         importance_sampling_level=importance_sampling_level,
     )
+
+
+def _sequence_rows(cu_seqlens, shape, name: str, agg: str, device, importance_sampling_level: str = "token"):
+    """One row per sequence of a packed row (on ``device``) when ``agg`` or a sequence-level ratio (GSPO) needs
+    the boundaries; None otherwise."""
+    bounds = check_cu_seqlens(cu_seqlens, shape, name)
+    if bounds is None or (agg not in SEQUENCE_MODES and importance_sampling_level != "sequence"):
+        return None
+    return SegmentRows(bounds, device)
+
+
+def sequence_loss_terms(segments, logp, entropy, old, adv, mask, is_weights, ref_logp, *, loss_scale=None,
+                        **kwargs) -> tuple[torch.Tensor, dict]:
+    """Both fused losses on a packed row with a ``seq-mean-*`` mode: per-token log-probs and entropies of the
+    row, laid out one sequence per row, then the same composition as the fused ops' definition."""
+    from ..reference.losses import policy_loss_terms
+
+    rows = [segments(t) for t in (logp, entropy, old, adv, mask, is_weights, ref_logp)]
+    logp, entropy, old, adv, mask, is_weights, ref_logp = rows
+    return policy_loss_terms(logp, entropy, old, adv, mask, ref_logp=ref_logp, is_weights=is_weights,
+                             loss_scale=segments.width if loss_scale is None else loss_scale, **kwargs)

@@ -41,6 +41,7 @@ class _LinearLogprobs(torch.autograd.Function):
             entropy[s : s + chunk] = chunk_lse - (p * finite_or_zero(z)).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.set_materialize_grads(False)  # an unused output gets None, not zeros (see the entropy term below)
         return logp, entropy
 
     @staticmethod
@@ -60,8 +61,11 @@ class _LinearLogprobs(torch.autograd.Function):
             log_p = z - lse[s : s + chunk].unsqueeze(-1)
             p = torch.exp(log_p)
             # d logp_y / dz = onehot(y) - p ;  dH / dz = -p * (log p + H)
-            gz = -p * (g_lp[s : s + chunk].unsqueeze(-1) + g_h[s : s + chunk].unsqueeze(-1)
-                       * (finite_or_zero(log_p) + entropy[s : s + chunk].unsqueeze(-1)))
+            coef = g_lp[s : s + chunk].unsqueeze(-1)
+            if grad_entropy is not None:  # else no entropy term: 0 * a nan entropy (a +inf logit) would be nan
+                coef = coef + g_h[s : s + chunk].unsqueeze(-1) * (finite_or_zero(log_p)
+                                                                  + entropy[s : s + chunk].unsqueeze(-1))
+            gz = -p * coef
             gz.scatter_add_(-1, labels[s : s + chunk].long().unsqueeze(-1), g_lp[s : s + chunk].unsqueeze(-1))
             gz = gz / temperature
             if grad_hidden is not None:

@@ -4,16 +4,18 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import warnings
 from typing import Iterable
 
 import numpy as np
 import torch
 
-from . import distributed, guards
+from . import checkpoint_dirs, distributed, guards
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainingConfig
-from .errors import NonFiniteError
+from .errors import NonFiniteError, OutputDirBusy
+from .locking import OutputDirLock
 from .metrics import MetricsLogger, format_metric, plot_metrics
 
 
@@ -29,7 +31,11 @@ class BaseTrainer:
     ``self.models`` maps names to the Hugging Face models (what ``save_pretrained`` writes), ``self.wrapped``
     the same names to the modules the trainer calls (DDP / FSDP2 wrappers under ``torchrun``). ``self.dist``
     says where this process stands; in one process every collective is a no-op.
+
+    ``kind`` names the trainer in its checkpoints: resuming a checkpoint of another kind is refused.
     """
+
+    kind = "base"
 
     def __init__(self, args: TrainingConfig, processing_class):
         if not isinstance(args, TrainingConfig):
@@ -45,17 +51,47 @@ class BaseTrainer:
         self.models: dict[str, torch.nn.Module] = {}
         self.wrapped: dict[str, torch.nn.Module] = {}
         seed_everything(args.seed + self.dist.rank)  # ranks sample different rollouts; rank 0 = one process
+        self.lock = self._lock_output_dir()
+        # the checkpoint to resume, verified; None for a fresh start (also resume_from: latest with none yet)
+        self.resume_path = (checkpoint_dirs.resolve_resume(args.resume_from, args.output_dir, self.dist, self.kind)
+                            if args.resume_from else None)
         # rank 0 writes metrics; the others keep the history in memory only
         # a fresh run starts a new metrics.jsonl; a resumed one keeps the records up to its checkpoint (maybe_resume)
         self.logger = MetricsLogger(args.output_dir, report_to=args.report_to if self.dist.is_main else (),
-                                    fresh=not args.resume_from)
+                                    fresh=not self.resume_path)
+
+    def _lock_output_dir(self) -> OutputDirLock | None:
+        """Rank 0 locks ``output_dir`` (every rank raises if another run holds it), then removes what killed runs
+        left there."""
+        lock, refusal = None, None
+        if self.dist.is_main:
+            lock = OutputDirLock(self.args.output_dir)
+            try:
+                lock.acquire()
+                checkpoint_dirs.clean_stale(self.args.output_dir)
+            except OutputDirBusy as error:
+                refusal = str(error)
+        refusal = self.dist.broadcast_object(refusal)
+        if refusal:
+            raise OutputDirBusy(refusal)
+        return lock
 
     def train_module(self, name: str, model: torch.nn.Module, runner: torch.nn.Module | None = None):
         """Wrap ``runner`` (default: ``model``; a module whose forward uses all of ``model``) for this world,
         register ``model`` under ``name`` for checkpoints, and return the wrapped runner."""
+        if self.args.gradient_checkpointing:
+            from .packed import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
         wrapped = self.dist.wrap(runner if runner is not None else model)
         self.models[name], self.wrapped[name] = model, wrapped
         return wrapped
+
+    def use_packing(self, **models) -> bool:
+        """Whether forward passes run packed micro-batches (``padding_free``; see ``packed.choose_packing``)."""
+        from .packed import choose_packing
+
+        return choose_packing(self.args.padding_free, models)
 
     # ---- optimisation -------------------------------------------------------------------------------------
     def create_optimizer_and_scheduler(self, parameters: Iterable[torch.nn.Parameter], num_training_steps: int):
@@ -96,7 +132,7 @@ class BaseTrainer:
                                  "are those of the previous step). Lower learning_rate or max_grad_norm, check the "
                                  "data and rewards, or set on_nonfinite: skip to skip such steps")
         with warnings.catch_warnings():  # a skipped first step: torch warns that the schedule runs ahead
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm.detach()
@@ -129,16 +165,23 @@ class BaseTrainer:
         self.logger.restart(self.global_step, extra.get("history"))
         self.nonfinite_skips = int(extra.get("nonfinite_skips", 0))
 
-    def save_checkpoint(self, path: str | None = None) -> str:
+    def save_checkpoint(self, path: str | None = None, *, versioned: bool = False) -> str:
+        """``checkpoint-{step}`` (or ``path``) with its manifest; ``versioned``: a link to a versioned copy."""
         path = path or os.path.join(self.args.output_dir, f"checkpoint-{self.global_step}")
+        self._ensure_lock()
         return save_checkpoint(path, dist=self.dist, models=self.models, wrapped=self.wrapped,
                                tokenizer=self.tokenizer, optimizer=self.optimizer, scheduler=self.scheduler,
-                               step=self.global_step, extra=self.checkpoint_extra())
+                               step=self.global_step, extra=self.checkpoint_extra(), kind=self.kind,
+                               versioned=versioned)
+
+    def _ensure_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.ensure()
 
     def maybe_resume(self) -> None:
-        if not self.args.resume_from:
+        if not self.resume_path:
             return
-        state = load_checkpoint(self.args.resume_from, dist=self.dist, wrapped=self.wrapped,
+        state = load_checkpoint(self.resume_path, dist=self.dist, wrapped=self.wrapped,
                                 optimizer=self.optimizer, scheduler=self.scheduler)
         self.global_step = int(state["step"])
         self.restore_extra(state["extra"])
@@ -150,14 +193,21 @@ class BaseTrainer:
     def finish(self, name: str) -> None:
         """Final save (``{output_dir}/final``), plots, and closing the metric sinks."""
         if self.args.save_final:
-            self.save_checkpoint(os.path.join(self.args.output_dir, "final"))
+            self.save_checkpoint(os.path.join(self.args.output_dir, "final"), versioned=True)
         if self.args.plot and self.dist.is_main:
             plot_metrics(self.logger.history, os.path.join(self.args.output_dir, f"{name}_metrics.png"), title=name)
         self.logger.close()
+        self.release()
+
+    def release(self) -> None:
+        """Let another run use ``output_dir`` (``finish`` calls it; a later write by this trainer locks again)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def log(self, metrics: dict) -> dict:
         if self.nonfinite_skips:
             metrics = {**metrics, "nonfinite_skips": self.nonfinite_skips}
+        self._ensure_lock()
         return self.logger.log(metrics, self.global_step)
 
 

@@ -11,9 +11,12 @@ Layout of ``{output_dir}/checkpoint-{step}/``:
   written by N ranks with DDP or FSDP2 resumes on M ranks with any strategy, one process included.
 - ``trainer_state.pt`` (scheduler, rank 0's RNG states, step, trainer extras), ``rng_state_{rank}.pt`` for the
   other ranks, and ``trainer_state.json`` (the human-readable part).
+- ``manifest.json``, written last: the size and SHA-256 of every other file, the trainer kind and the step
+  (``manifest.py``); ``resume_from`` verifies it before loading (``checkpoint_dirs.resolve_resume``).
 Everything goes into a temporary sibling directory that rank 0 renames into place once every rank is done, so
-a crash never leaves a half-written checkpoint under the final name. With several nodes ``output_dir`` must be
-on a file system that all of them see.
+a crash never leaves a half-written checkpoint under the final name (``checkpoint_dirs.publish``: ``final`` is
+a link switched atomically between versioned copies). With several nodes ``output_dir`` must be on a file
+system that all of them see.
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import checkpoint_dirs, manifest
 from .distributed import Distributed, unwrap
+from .errors import CheckpointError
 
 STATE_FILE = "trainer_state.pt"
 DCP_DIR = "distcp"
@@ -50,11 +55,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str, *, dist: Distributed, models: dict, wrapped: dict, tokenizer, optimizer, scheduler,
-                    step: int, extra: dict[str, Any] | None = None) -> str:
+                    step: int, extra: dict[str, Any] | None = None, kind: str = "unknown",
+                    versioned: bool = False) -> str:
     """Write the checkpoint directory ``path`` atomically (a collective: every rank calls it); returns ``path``.
 
     ``models``: name -> the Hugging Face model (for ``save_pretrained``); ``wrapped``: name -> the module the
-    trainer runs (the model itself, a DDP / FSDP2 wrapper, or a scalar-head wrapper of it).
+    trainer runs (the model itself, a DDP / FSDP2 wrapper, or a scalar-head wrapper of it). ``kind``: the
+    trainer's name, recorded so that another trainer refuses the checkpoint; ``versioned``: publish ``path`` as
+    a link to a versioned copy (``final``).
     """
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -80,18 +88,15 @@ def save_checkpoint(path: str, *, dist: Distributed, models: dict, wrapped: dict
         if tokenizer is not None:
             tokenizer.save_pretrained(os.path.join(temporary, "model"))
         torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "step": step, "extra": extra or {},
-                    "world_size": dist.world_size, "strategy": dist.strategy},
+                    "world_size": dist.world_size, "strategy": dist.strategy, "trainer": kind},
                    os.path.join(temporary, STATE_FILE))
         with open(os.path.join(temporary, "trainer_state.json"), "w", encoding="utf-8") as handle:
-            json.dump({"step": step, "world_size": dist.world_size, "strategy": dist.strategy,
+            json.dump({"step": step, "trainer": kind, "world_size": dist.world_size, "strategy": dist.strategy,
                        **{k: v for k, v in (extra or {}).items() if _is_json(v)}}, handle, indent=2)
-        if os.path.exists(path):  # os.replace cannot overwrite a non-empty directory: move the old one aside
-            stale = f"{temporary}.old"
-            os.replace(path, stale)
-            os.replace(temporary, path)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(temporary, path)
+    dist.barrier()
+    manifest.write_manifest(temporary, dist, {"trainer": kind, "step": step})  # last: the checkpoint is complete
+    if dist.is_main:
+        checkpoint_dirs.publish(temporary, path, versioned=versioned)
     dist.barrier()  # nobody reads or overwrites the checkpoint before it has its final name
     return path
 
@@ -136,29 +141,45 @@ def load_checkpoint(path: str, *, dist: Distributed, wrapped: dict, optimizer, s
 
     Works for any number of ranks and any strategy: DCP re-shards the saved state to the current layout.
     """
+    state_file = os.path.join(path, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise CheckpointError(f"resume_from: {path} is not a checkpoint (no {STATE_FILE})")
+    if not os.path.isdir(os.path.join(path, DCP_DIR)):
+        raise CheckpointError(f"resume_from: {path} has no {DCP_DIR}/ folder (model and optimizer state)")
+    try:
+        return _load(path, state_file, dist=dist, wrapped=wrapped, optimizer=optimizer, scheduler=scheduler)
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign checkpoint that no manifest vouched for
+        message = " ".join(str(error).split())[:500]
+        raise CheckpointError(f"resume_from: cannot load {path}: {type(error).__name__}: {message}") from error
+
+
+def _load(path: str, state_file: str, *, dist: Distributed, wrapped: dict, optimizer, scheduler) -> dict[str, Any]:
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    state_file = os.path.join(path, STATE_FILE)
-    if not os.path.isfile(state_file):
-        raise FileNotFoundError(f"resume_from: {path} is not a checkpoint (no {STATE_FILE})")
-    if not os.path.isdir(os.path.join(path, DCP_DIR)):
-        raise FileNotFoundError(f"resume_from: {path} has no {DCP_DIR}/ folder (model and optimizer state)")
+    state = _torch_load(state_file)  # first: the small file, before anything changes in place
+    rank_file = os.path.join(path, f"rng_state_{dist.rank}.pt")
+    rank_rng = _torch_load(rank_file) if not dist.is_main and os.path.isfile(rank_file) else None
     container = torch.nn.ModuleDict(wrapped)
     model_state, optimizer_state = get_state_dict(container, optimizer)  # the current layout, filled in place
     saved = {"model": model_state, "optimizer": optimizer_state}
     with _single_process_quiet():
         dcp_load(saved, checkpoint_id=os.path.join(path, DCP_DIR), no_dist=not torch.distributed.is_initialized())
     set_state_dict(container, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"])
-    state = torch.load(state_file, map_location="cpu", weights_only=False)
     scheduler.load_state_dict(state["scheduler"])
-    rank_file = os.path.join(path, f"rng_state_{dist.rank}.pt")
     if dist.is_main:
         set_rng_state(state["rng"])
-    elif os.path.isfile(rank_file):
-        set_rng_state(torch.load(rank_file, map_location="cpu", weights_only=False))
+    elif rank_rng is not None:
+        set_rng_state(rank_rng)
     # a rank the writing run did not have keeps its fresh (seed + rank) generator: only its samples differ
     return state
+
+
+def _torch_load(file: str):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as error:  # noqa: BLE001 - name the file: torch's own message does not
+        raise ValueError(f"{file}: {type(error).__name__}: {error}") from error
 
 
 @contextlib.contextmanager

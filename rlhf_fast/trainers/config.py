@@ -10,10 +10,11 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from .._validation import check_option, did_you_mean
 from ..reference.losses import AGG_MODES
+from ..rollout.engine import ENGINES
 
 # transformers.get_scheduler names that need nothing but warmup and the step count (the others need
 # lr_scheduler_kwargs or a metric at every step)
@@ -55,6 +56,9 @@ class TrainingConfig:
     device: Optional[str] = None  # default: cuda (this rank's LOCAL_RANK) when available, else cpu
     distributed: str = "auto"  # auto (ddp when torchrun starts > 1 process) | none | ddp | fsdp2; docs/distributed.md
     on_nonfinite: str = "error"  # a NaN / inf loss or gradient norm: "error" stops the run, "skip" skips the step
+    # packed micro-batches (one row, no padding): auto (where every model's attention can be packed) | true | false
+    padding_free: Union[str, bool] = "auto"
+    gradient_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
 
     def __post_init__(self) -> None:
         _coerce_types(self)  # YAML reads 1e-5 as the string '1e-5': coerce, or refuse naming the field
@@ -77,6 +81,7 @@ class TrainingConfig:
             raise ValueError(f"resume_from: no checkpoint directory at {self.resume_from!r} (expected a "
                              "checkpoint-N directory, 'latest' or null)")
         _check_device(self.device)
+        self.padding_free = _padding_free(self.padding_free)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "TrainingConfig":
@@ -178,6 +183,12 @@ class PPOConfig(TrainingConfig):
     num_generations: int = 1  # samples per prompt (>= 2 for grpo / rloo)
     # rewards: one weight per reward model / function of reward_model (a list), default 1 each (rewards.py)
     reward_weights: Optional[list] = None
+    # rollout engine (docs/rollout.md): "hf" (model.generate) or "vllm" (a vLLM engine in this process)
+    rollout_engine: str = "hf"
+    vllm_importance_sampling_correction: bool = True  # vllm: truncated importance weights in the policy loss
+    vllm_importance_sampling_cap: float = 3.0  # vllm: the weights' upper bound
+    vllm_gpu_memory_utilization: float = 0.3  # vllm on CUDA: the fraction of the GPU its weights and KV cache take
+    vllm_enable_sleep_mode: bool = False  # vllm on CUDA: free the engine's memory during the update
     # advantages and KL
     advantage_estimator: str = "gae"
     critic: str = "separate"  # gae: "separate" critic model (value_model), or "value_head" on the policy's body
@@ -226,12 +237,14 @@ class PPOConfig(TrainingConfig):
             "num_mini_batches": "[1, inf)", "cliprange": "[0, 1]", "cliprange_high": "[0, inf)",
             "dual_clip": "(1, inf)", "cliprange_value": "(0, inf)", "vf_coef": "[0, inf)",
             "entropy_coef": "(-inf, inf)", "max_tokens_per_micro_batch": "[1, inf)", "eval_steps": "[0, inf)",
+            "vllm_importance_sampling_cap": "(0, inf)", "vllm_gpu_memory_utilization": "(0, 1]",
         })
         check_option("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
         check_option("kl_penalty", self.kl_penalty, KL_PENALTY_MODES)
         check_option("critic", self.critic, CRITICS)
         check_option("stop_token", self.stop_token, ("eos", None))
         check_option("loss_agg", self.loss_agg, AGG_MODES)
+        check_option("rollout_engine", self.rollout_engine, ENGINES)
         if self.critic == "value_head" and self.advantage_estimator != "gae":
             raise ValueError(f"critic='value_head' needs advantage_estimator='gae' (got "
                              f"{self.advantage_estimator!r}, which uses no critic); drop critic or use 'gae'")
@@ -243,6 +256,11 @@ class PPOConfig(TrainingConfig):
             raise ValueError("top_p / top_k: the log-probs of a truncated sampling distribution need the logits, "
                              "which logprobs_from_hidden: true and critic: value_head never build; use top_p: 1.0 "
                              "and top_k: 0 with them")
+        if (self.top_p < 1.0 or self.top_k > 0) and self.rollout_engine == "vllm":
+            raise ValueError(f"top_p / top_k: with rollout_engine: vllm the engine's log-probs (the importance "
+                             f"weights) are not those of the truncated sampling distribution the trainer uses; use "
+                             f"top_p: 1.0 and top_k: 0 with rollout_engine: vllm, or rollout_engine: hf (got top_p: "
+                             f"{self.top_p}, top_k: {self.top_k})")
         check_option("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         check_option("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
         _check_ranges(self, {"loss_scale_factor": "(0, inf)", "overlong_buffer_len": "[0, inf)",
@@ -349,6 +367,16 @@ def _coerce(name: str, expected, value):
             return list(value)
         refuse()
     return value
+
+
+def _padding_free(value):
+    """``"auto"``, True or False (YAML's true / false, or those words as strings)."""
+    words = {"auto": "auto", "true": True, "false": False}
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise ValueError(f"padding_free: expected auto, true or false, got {value!r} ({type(value).__name__})")
 
 
 def _article(label: str) -> str:

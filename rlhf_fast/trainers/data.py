@@ -29,8 +29,13 @@ def load_jsonl(path: str, kind: str) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # bytes, decoded line by line: a decoding error then has a line number
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not UTF-8 (byte {raw[error.start]:#04x} at byte "
+                                 f"{error.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -52,6 +57,11 @@ def check_record(record: Any, kind: str, *, where: str) -> dict[str, Any]:
             raise ValueError(f"{where}: missing field {name!r} (the {kind} schema needs {list(fields)})")
         if not isinstance(record[name], str):
             raise ValueError(f"{where}: field {name!r} must be a string, got {type(record[name]).__name__}")
+        try:  # a "\ud800" escape parses to a lone surrogate, which no tokenizer can encode
+            record[name].encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{where}: field {name!r} holds a lone surrogate ({record[name][error.start]!r} at "
+                             f"character {error.start}), which is not text") from None
     margin = record.get("margin", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise ValueError(f"{where}: field 'margin' must be a number, got {type(margin).__name__}")

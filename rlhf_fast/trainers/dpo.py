@@ -36,6 +36,8 @@ class DPOTrainer(BaseTrainer):
     with the adapters disabled; unused with ``reference_free`` or ``loss_type="simpo"``.
     """
 
+    kind = "dpo"
+
     def __init__(self, model, ref_model=None, args: DPOConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, peft_config=None):
         super().__init__(args or DPOConfig(), processing_class)
@@ -223,7 +225,7 @@ class DPOTrainer(BaseTrainer):
                            "peak_memory_mb": peak_memory_mb(self.device)}
                 if self.global_step == 1:
                     metrics.update(self.sizes)
-                bar.set_postfix(loss=f"{totals[0]:.3f}", acc=f"{totals[3]:.2f}")
+                self.show(bar, loss=totals[0], acc=totals[3])
             if (self.eval_pairs is not None and args.eval_steps and self.global_step % args.eval_steps == 0
                     and self.global_step < self.num_training_steps):
                 metrics.update(self.evaluate())

@@ -31,16 +31,19 @@ class ScoredRollout:
         """The rollout of groups ``chosen`` (group positions), in that order."""
         rows = [g * self.group_size + k for g in chosen for k in range(self.group_size)]
         index = torch.tensor(rows, dtype=torch.long, device=self.scores.device)
+        logprobs = None if self.gen.logprobs is None else [self.gen.logprobs[r] for r in rows]
         gen = Generation([self.gen.prompt_ids[r] for r in rows], [self.gen.response_ids[r] for r in rows],
-                         [self.gen.stopped[r] for r in rows])
+                         [self.gen.stopped[r] for r in rows], logprobs)
         return ScoredRollout([self.prompt_indices[g] for g in chosen], gen, [self.completions[r] for r in rows],
                              self.reward_parts[index], self.scores[index], self.group_size)
 
     @staticmethod
     def concat(parts: list["ScoredRollout"]) -> "ScoredRollout":
         first = parts[0]
+        logprobs = (None if any(r.gen.logprobs is None for r in parts)  # engine log-probs: all rounds or none
+                    else [lp for r in parts for lp in r.gen.logprobs])
         gen = Generation([p for r in parts for p in r.gen.prompt_ids], [p for r in parts for p in r.gen.response_ids],
-                         [s for r in parts for s in r.gen.stopped])
+                         [s for r in parts for s in r.gen.stopped], logprobs)
         return ScoredRollout([i for r in parts for i in r.prompt_indices], gen, [c for r in parts for c in r.completions],
                              torch.cat([r.reward_parts for r in parts]), torch.cat([r.scores for r in parts]),
                              first.group_size)

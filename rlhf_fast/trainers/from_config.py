@@ -74,7 +74,7 @@ def read_config(stage: str, path: str) -> tuple[dict[str, str], Any]:
             raise FileNotFoundError(f"{path}: {key} not found: {value}")
     settings = {k: v for k, v in raw.items() if k in field_names}
     for key in ("output_dir", "resume_from"):
-        if settings.get(key):
+        if settings.get(key) and settings[key] != "latest":
             settings[key] = _resolve(base, settings[key])
     try:
         config = config_cls(**settings)

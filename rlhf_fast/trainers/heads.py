@@ -18,14 +18,19 @@ def _head(model):
                      "(use a *ForSequenceClassification model with num_labels=1)")
 
 
-def scalar_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` float32 scalar output of the head at every position."""
+def scalar_per_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]`` float32 scalar output of the head at every position (a packed row: ``attention_mask=None`` and
+    ``position_ids`` restarting in each sequence)."""
     if callable(getattr(model, "get_base_model", None)):  # a PeftModel: its model, with the adapters injected
         model = model.get_base_model()
     body = getattr(model, model.base_model_prefix, None)
     if body is None:
         raise ValueError(f"{type(model).__name__}: no body under base_model_prefix={model.base_model_prefix!r}")
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
+    hidden = body(**inputs).last_hidden_state
     out = _head(model)(hidden)
     if out.shape[-1] != 1:
         raise ValueError(f"{type(model).__name__}: the scalar head has {out.shape[-1]} outputs, expected 1 "
@@ -56,10 +61,11 @@ class PerTokenScalar(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         # a fresh [B, T] tensor, not a view of the head's [B, T, 1] output: FSDP2 hooks its backward on the output
         # and warns about views (an in-place op on one would skip the hook)
-        return scalar_per_token(self.model, input_ids, attention_mask).clone()
+        return scalar_per_token(self.model, input_ids, attention_mask, position_ids).clone()
 
 
 def last_token_scores(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,14 @@ from .config import PPOConfig
 from .data import check_dataset, encode_prompt, pad_right, pad_token_id, truncate_left
 from .metrics import plot_metrics
 from .peft_support import adapter_disabled, apply_peft, peft_model_in
-from .heads import PerTokenScalar, last_token_scores
+from .heads import PerTokenScalar
 from .advantages import group_advantages, overlong_penalty, reinforce_pp_advantages
 from .dynamic_sampling import ScoredRollout, fill_batch
 from .rewards import RewardFunctions, dataset_columns
 from .sampling import truncate_logits, truncates
-from .rollout import (Generation, generate, per_token_in_micro_batches, plan_micro_batches, response_mask,
-                      token_logprobs)
+from .packed import MicroBatch, per_token_in_micro_batches, token_logprobs
+from .rollout import Generation, plan_micro_batches, response_mask
+from ..rollout.engine import SamplingSettings
 
 # f(prompts=, completions=, completion_ids=, **dataset columns) -> one float or None per completion (rewards.py)
 RewardFunction = Callable[..., Sequence[Optional[float]]]
@@ -54,6 +55,8 @@ class PPOTrainer(BaseTrainer):
     ``peft.PeftConfig``) trains adapters on the policy only; with ``ref_model=None`` the reference is then the
     policy with its adapters disabled (no copy of the weights).
     """
+
+    kind = "ppo"
 
     def __init__(self, args: PPOConfig | None = None, processing_class=None, model=None, ref_model=None,
                  reward_model=None, train_dataset=None, value_model=None, eval_dataset=None,
@@ -104,6 +107,9 @@ class PPOTrainer(BaseTrainer):
             for module in (model, ref_model, self.value_model, *reward_models):
                 if isinstance(module, torch.nn.Module):
                     disable_dropout(module)
+        # packed micro-batches (padding_free) in every scoring and training forward
+        self.packed = self.use_packing(model=model, ref_model=ref_model, value_model=self.value_model,
+                                       **{f"reward_model[{i}]": m for i, m in enumerate(reward_models)})
         self.policy = model
         # logprobs_from_hidden: the body and the fused linear loss run inside one module's forward (FusedLinearLM,
         # the model's parameters under the model's names), which is what DDP / FSDP2 wrap; else the model itself.
@@ -126,6 +132,7 @@ class PPOTrainer(BaseTrainer):
             self.reward_scorers[column] = self.dist.wrap(PerTokenScalar(module), trainable=False)
         self.pad_id = pad_token_id(self.tokenizer)
         self.eos_id = self.tokenizer.eos_token_id if args.stop_token == "eos" else None
+        self.rollout_engine = self._make_rollout_engine(model)
         dataset = check_dataset(train_dataset, "ppo", "train_dataset")
         self.prompts = [r["prompt"] for r in dataset]
         self.columns = dataset_columns(dataset, "train_dataset")  # the other fields, for the reward functions
@@ -196,6 +203,29 @@ class PPOTrainer(BaseTrainer):
 
         return FusedLinearLM(model)
 
+    def _make_rollout_engine(self, model):
+        """``args.rollout_engine``: ``hf`` samples with ``self.generator``; ``vllm`` starts an engine in this
+        process with the policy's config and weights (rlhf_fast.rollout.vllm_engine)."""
+        from ..rollout import make_engine
+
+        args = self.args
+        if args.rollout_engine == "vllm" and self.dist.world_size > 1:
+            raise ValueError(f"rollout_engine='vllm' runs in one process; under torchrun (world_size="
+                             f"{self.dist.world_size}) use rollout_engine='hf'")
+        if args.rollout_engine == "vllm" and peft_model_in(model) is not None:
+            raise ValueError("rollout_engine='vllm' pushes the policy's full weights and cannot take LoRA / PEFT "
+                             "adapters yet; use rollout_engine='hf' with peft_config")
+        return make_engine(args.rollout_engine, model=model, pad_id=self.pad_id, generator=self.generator,
+                           synced_gpus=self.dist.strategy == "fsdp2" and self.dist.world_size > 1,
+                           device=self.device, seed=args.seed,
+                           max_model_len=args.max_length + args.response_length,
+                           gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                           enable_sleep_mode=args.vllm_enable_sleep_mode)
+
+    def close(self) -> None:
+        """Stop the rollout engine (a vLLM engine's processes and memory); the trainer cannot sample after."""
+        self.rollout_engine.close()
+
     @property
     def has_critic(self) -> bool:
         """A trained critic: a separate value model or a value head on the policy."""
@@ -231,11 +261,13 @@ class PPOTrainer(BaseTrainer):
         """Sample on this rank. FSDP2 gathers parameters in every decoding step, so its ranks step in lockstep
         (``synced_gpus``) until the longest of them stops."""
         args = self.args
+        engine = self.rollout_engine
+        engine.wake_up()
+        engine.sync_weights(self.models["model"], version=self.global_step)  # pushes only after an update
+        sampling = SamplingSettings(max_new_tokens=args.response_length, temperature=temperature or args.temperature,
+                                    top_p=args.top_p, top_k=args.top_k, eos_id=self.eos_id, do_sample=do_sample)
         with self.autocast():
-            return generate(self.generator, prompt_ids, pad_id=self.pad_id, eos_id=self.eos_id,
-                            max_new_tokens=args.response_length, temperature=temperature or args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, do_sample=do_sample,
-                            synced_gpus=self.dist.strategy == "fsdp2" and self.dist.world_size > 1)
+            return engine.generate(prompt_ids, sampling)
 
     def _generate_global(self, prompt_ids: list[list[int]]) -> Generation:
         """Every rank samples its contiguous block of ``prompt_ids``; all ranks get all rollouts, in order.
@@ -245,10 +277,10 @@ class PPOTrainer(BaseTrainer):
         rank_count = self.dist.world_size
         padded = prompt_ids + prompt_ids[: (-len(prompt_ids)) % rank_count]  # equal blocks keep ranks in step
         parts = self.dist.all_gather_objects(self._generate(self.dist.shard(padded)))
-        gen = Generation([p for g in parts for p in g.prompt_ids], [r for g in parts for r in g.response_ids],
-                         [s for g in parts for s in g.stopped])
         n = len(prompt_ids)
-        return Generation(gen.prompt_ids[:n], gen.response_ids[:n], gen.stopped[:n])
+        logprobs = None if parts[0].logprobs is None else [lp for g in parts for lp in g.logprobs][:n]
+        return Generation([p for g in parts for p in g.prompt_ids][:n], [r for g in parts for r in g.response_ids][:n],
+                          [s for g in parts for s in g.stopped][:n], logprobs)
 
     def _plan(self, lengths: list[int]) -> list[list[int]]:
         """This rank's micro-batches of a batch of sequences with ``lengths`` (the same plan on every rank).
@@ -292,49 +324,65 @@ class PPOTrainer(BaseTrainer):
         budget = self._budget(sequences)
 
         def logprobs_of(model):
-            def fn(i, a):
+            def fn(batch):
                 with self.autocast():
-                    return token_logprobs(model, i, a, temperature=args.temperature,
+                    return token_logprobs(model, batch, temperature=args.temperature,
                                           from_hidden=args.logprobs_from_hidden)
             return fn
 
         values = None
         if self.value_head is not None:  # one forward of the policy and its head: old log-probs and values
-            def policy_fn(i, a):
+            def policy_fn(batch):
                 with self.autocast():
-                    logp, head_values = self.policy_train(i, a, temperature=args.temperature)
-                    return logp, head_values[:, :-1]
+                    return self.policy_train(batch.input_ids, batch.attention_mask, temperature=args.temperature,
+                                             position_ids=batch.position_ids, labels=batch.labels)
             old_logp, values = self._per_token(policy_fn, sequences, budget, outputs=2)
             old_logp, values = old_logp * mask, values * mask
         elif truncates(args.top_p, args.top_k):  # the policy is the truncated distribution sampled from
-            def sampling_fn(i, a):
+            def sampling_fn(batch):
                 with self.autocast():
-                    logits = self._sampling_logits(self.policy_train(input_ids=i, attention_mask=a).logits[:, :-1])
-                    return ops.selective_log_softmax(logits, i[:, 1:], temperature=args.temperature)
+                    logits = self._sampling_logits(self.policy_train(**batch.model_inputs()).logits)
+                    return ops.selective_log_softmax(logits, batch.labels, temperature=args.temperature)
             old_logp = self._per_token(sampling_fn, sequences, budget) * mask
         else:
             old_logp = self._per_token(logprobs_of(self.policy_train), sequences, budget) * mask
         with adapter_disabled(self.policy_train) if self.adapter_reference else contextlib.nullcontext():
             ref_logp = self._per_token(logprobs_of(self.ref_model), sequences, budget) * mask
         if self.value_model is not None:
-            def value_fn(i, a):
+            def value_fn(batch):
                 with self.autocast():
-                    return self.value_train(i, a)[:, :-1]
+                    return self.value_train(batch.input_ids, batch.attention_mask, batch.position_ids)
             values = self._per_token(value_fn, sequences, budget) * mask
         prompts_text = [self.prompts[i] for i in prompt_indices for _ in range(args.num_generations)]
+        is_weights, engine_metrics = self._importance_weights(gen, prompt_lens, old_logp, mask)
         kl = ops.token_kl(old_logp, ref_logp, estimator="k1") * mask  # per-token log-ratio to the reference
         kl_in_reward = self.kl_coef if args.kl_penalty == "reward" else 0.0
         advantages, returns = self._advantages(scores, kl, kl_in_reward, mask, values, response_lens)
         time_score = time.perf_counter() - start + rollout.time_score
         # host copies of what planning and loss normalisation read (lengths, response tokens): no sync in update
-        return dict(ids=ids, attention=attention, mask=mask, lengths=torch.tensor([len(s) for s in sequences]),
+        return dict(ids=ids, attention=attention, mask=mask, sequences=sequences, lengths=torch.tensor([len(s) for s in sequences]),
                     host_lengths=[len(s) for s in sequences], host_mask_counts=mask.sum(-1).tolist(),
                     old_logp=old_logp, ref_logp=ref_logp, values=values, advantages=advantages, returns=returns,
                     scores=scores, kl=kl.sum(-1), response_lens=torch.tensor(response_lens, dtype=torch.float32),
                     stopped=torch.tensor(gen.stopped, dtype=torch.float32), prompts=prompts_text,
                     completions=completions, reward_parts=rollout.reward_parts, time_generate=time_generate,
                     time_score=time_score, sampling_metrics=sampling_metrics,
-                    rlhf_reward=scores - kl_in_reward * kl.sum(-1))
+                    rlhf_reward=scores - kl_in_reward * kl.sum(-1), is_weights=is_weights,
+                    engine_metrics=engine_metrics)
+
+    def _importance_weights(self, gen: Generation, prompt_lens, old_logp, mask):
+        """Truncated importance weights of the trainer's over the engine's log-probs (``is_weights`` of the loss,
+        or None) and the mismatch metrics; nothing when the engine is the trainer's own model."""
+        if gen.logprobs is None:
+            return None, {}
+        from ..rollout.importance import importance_weights, mismatch_metrics, per_token_engine_logp
+
+        cap = self.args.vllm_importance_sampling_cap
+        engine_logp = per_token_engine_logp(prompt_lens, gen.logprobs, mask.shape[1], device=mask.device)
+        metrics = mismatch_metrics(old_logp, engine_logp, mask, cap=cap)
+        if not self.args.vllm_importance_sampling_correction:
+            return None, metrics
+        return importance_weights(old_logp, engine_logp, mask, cap=cap), metrics
 
     def _rollout(self, prompt_indices: list[int]):
         """Sample ``num_generations`` responses per prompt and score them; with ``dynamic_sampling``, replace the
@@ -396,7 +444,9 @@ class PPOTrainer(BaseTrainer):
         """``fn`` on this rank's micro-batches; each row is computed by one rank and zero on the others, so a
         sum over ranks gives every rank the whole batch (exactly: x + 0 = x). ``outputs > 1``: ``fn`` returns
         that many per-token tensors, all-reduced together, and so does this."""
-        out = per_token_in_micro_batches(fn, sequences, per_sequence=per_sequence, outputs=outputs, **budget)
+        out = per_token_in_micro_batches(fn, sequences, budget["micro_batches"], packed=self.packed,
+                                         pad_id=self.pad_id, device=self.device, per_sequence=per_sequence,
+                                         outputs=outputs)
         if outputs == 1:
             return self.dist.all_reduce_sum(out)
         return tuple(self.dist.all_reduce_sum(torch.stack(out)).unbind(0))
@@ -411,9 +461,9 @@ class PPOTrainer(BaseTrainer):
         self.rewards.score_functions(out, rows, prompts, completions, completion_ids, columns)
         out = self.dist.all_reduce_sum(out.to(self.device))
         for column, scorer in self.reward_scorers.items():
-            def fn(i, a, scorer=scorer):
+            def fn(batch, scorer=scorer):
                 with self.autocast():
-                    return last_token_scores(scorer(i, a), a)
+                    return batch.last_token(scorer(batch.input_ids, batch.attention_mask, batch.position_ids))
             out[:, column] = guards.check_finite_scores(self._per_token(fn, sequences, budget, per_sequence=True),
                                                         source=self._reward_source(column))
         return out
@@ -457,48 +507,50 @@ class PPOTrainer(BaseTrainer):
         shares of the minibatch losses (each divides by the minibatch's global counts), so their sum over the
         micro-batches of all ranks is the minibatch loss."""
         args = self.args
-        width = max(exp["host_lengths"][i] for i in rows)  # host data: no device read
-        index = torch.tensor(rows, device=self.device)
-        ids = exp["ids"][index, :width].to(self.device)
-        attention = exp["attention"][index, :width].to(self.device)
+        # one packed row or one padded batch (padding_free); per-token data in its layout, one value per position
+        batch = MicroBatch(exp["sequences"], rows, packed=self.packed, pad_id=self.pad_id, device=self.device)
+        inputs = dict(position_ids=batch.position_ids, labels=batch.labels)
 
         def take(name):
-            return exp[name][index, : width - 1].to(self.device)
+            return batch.take(exp[name])
 
-        mask, labels = take("mask"), ids[:, 1:]
+        mask = take("mask")
         kl_in_loss = args.kl_penalty == "loss" and self.kl_coef > 0
         common = dict(
             ref_logp=take("ref_logp") if kl_in_loss else None, kl_coef=self.kl_coef if kl_in_loss else 0.0,
             kl_estimator=args.kl_estimator, entropy_coef=args.entropy_coef, temperature=args.temperature,
             clip_low=args.cliprange, clip_high=args.cliprange_high, dual_clip=args.dual_clip, agg=args.loss_agg,
-            num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=self._loss_scale(),
+            num_tokens=num_tokens, num_seqs=num_seqs, loss_scale=self._loss_scale(), cu_seqlens=batch.cu_seqlens,
             importance_sampling_level=args.importance_sampling_level,
+            is_weights=take("is_weights") if exp.get("is_weights") is not None else None,
         )
         new_values = None
         with self.autocast():
             if self.value_head is not None:  # CausalLMWithValueHead: the policy loss and the values, one forward
                 temperature = common.pop("temperature")
-                loss, stats, head_values = self.policy_train(ids, attention, temperature=temperature, ppo_loss=dict(
-                    old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
-                new_values = head_values[:, :-1]
+                loss, stats, new_values = self.policy_train(
+                    batch.input_ids, batch.attention_mask, temperature=temperature, **inputs, ppo_loss=dict(
+                        old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
             elif args.logprobs_from_hidden:  # FusedLinearLM: body, head and loss inside the wrapped forward
                 temperature = common.pop("temperature")
-                loss, stats = self.policy_train(ids, attention, temperature=temperature, ppo_loss=dict(
-                    old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
+                loss, stats = self.policy_train(
+                    batch.input_ids, batch.attention_mask, temperature=temperature, **inputs, ppo_loss=dict(
+                        old_logp=take("old_logp"), advantages=take("advantages"), mask=mask, **common))
             else:
-                logits = self.policy_train(input_ids=ids, attention_mask=attention).logits[:, :-1]
+                logits = self.policy_train(**batch.model_inputs()).logits
                 logits = self._sampling_logits(logits)  # top_p / top_k: the truncated distribution sampled from
-                loss, stats = ops.fused_ppo_loss(logits, labels, take("old_logp"), take("advantages"), mask,
+                loss, stats = ops.fused_ppo_loss(logits, batch.labels, take("old_logp"), take("advantages"), mask,
                                                  **common)
             stats = {k: v.detach().float() for k, v in stats.items()}
             losses = {"pg_loss": loss.detach().float()}
             if self.value_model is not None:
-                new_values = self.value_train(ids, attention)[:, :-1]
+                new_values = self.value_train(batch.input_ids, batch.attention_mask, batch.position_ids)
             if new_values is not None:
                 vf_loss, vf_stats = ops.ppo_value_loss(new_values, take("values"), take("returns"), mask,
                                                        clip=args.cliprange_value, agg=args.loss_agg,
                                                        num_tokens=num_tokens, num_seqs=num_seqs,
-                                                       loss_scale=self._loss_scale())
+                                                       loss_scale=self._loss_scale(),
+                                                       cu_seqlens=batch.cu_seqlens)
                 stats["vf_clip_frac"] = vf_stats["clip_frac"].detach().float()
                 losses["vf_loss"] = vf_loss.detach().float()
                 loss = loss + args.vf_coef * vf_loss
@@ -583,6 +635,7 @@ class PPOTrainer(BaseTrainer):
         """One PPO step (rollout + update); logs and returns the step's metrics."""
         start = time.perf_counter()
         exp = self.make_experience(self._prompt_batch(self.global_step))
+        self.rollout_engine.sleep()  # vllm sleep mode: its memory is free during the update (woken to sample)
         train_start = time.perf_counter()
         stats = self.update(exp)
         time_train = time.perf_counter() - train_start
@@ -602,6 +655,7 @@ class PPOTrainer(BaseTrainer):
             metrics.update(vf_loss=stats["vf_loss"], vf_clip_frac=stats["vf_clip_frac"])
         metrics.update(self.rewards.metrics(exp["reward_parts"].cpu()))  # rewards/{name}/mean, /std
         metrics.update(exp["sampling_metrics"])
+        metrics.update(exp["engine_metrics"])
         for callback in self.callbacks:
             metrics.update(callback(self, exp["prompts"], exp["completions"]) or {})
         self._adapt_kl(kl, exp["ids"].shape[0])

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from . import guards
 from .base import BaseTrainer
 from .config import RewardConfig
-from .data import check_dataset, encode_completion, encode_prompt, pad_right, pad_token_id, truncate_left
-from .heads import PerTokenScalar, last_token_scores
+from .data import check_dataset, encode_completion, encode_prompt, pad_token_id, truncate_left
+from .heads import PerTokenScalar
+from .packed import MicroBatch
 from .peft_support import apply_peft
 
 
@@ -21,6 +22,8 @@ class RewardTrainer(BaseTrainer):
     train_dataset=[{"prompt", "chosen", "rejected"}, ...], eval_dataset=..., processing_class=tok,
     peft_config=None).train()``; with a ``peft.PeftConfig`` (``task_type="SEQ_CLS"`` also trains the score head)
     only the adapters train."""
+
+    kind = "reward"
 
     def __init__(self, model, args: RewardConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None):
@@ -31,6 +34,7 @@ class RewardTrainer(BaseTrainer):
             from ..modeling import disable_dropout
 
             disable_dropout(model)
+        self.packed = self.use_packing(model=model)
         self.scorer = self.train_module("model", model, PerTokenScalar(model))  # DDP / FSDP2 under torchrun
         self.pad_id = pad_token_id(self.tokenizer)
         self.train_pairs = self._encode_all(train_dataset, "train_dataset")
@@ -74,11 +78,13 @@ class RewardTrainer(BaseTrainer):
         return self.dist.shard([self.train_pairs[i] for i in order[position * size:(position + 1) * size].tolist()])
 
     def rewards(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores of the chosen and the rejected responses, one forward pass for both."""
-        ids, attention = pad_right([p[0] for p in pairs] + [p[1] for p in pairs], self.pad_id)
-        attention = attention.to(self.device)
+        """Scores of the chosen and the rejected responses, one forward pass for both (one packed row, or one
+        padded batch: ``padding_free``)."""
+        sequences = [p[0] for p in pairs] + [p[1] for p in pairs]
+        batch = MicroBatch(sequences, list(range(len(sequences))), packed=self.packed, pad_id=self.pad_id,
+                           device=self.device)
         with self.autocast():
-            scores = last_token_scores(self.scorer(ids.to(self.device), attention), attention)
+            scores = batch.last_token(self.scorer(batch.input_ids, batch.attention_mask, batch.position_ids))
         return scores[: len(pairs)], scores[len(pairs):]
 
     def compute_loss(self, pairs, num_pairs: float | None = None) -> tuple[torch.Tensor, dict]:

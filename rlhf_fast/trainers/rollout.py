@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -28,6 +28,8 @@ class Generation:
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]  # up to and including the first stop token
     stopped: list[bool]  # whether the response ended with the stop token
+    # the rollout engine's log-prob of each response token (None: the engine is the trainer's model)
+    logprobs: Optional[list[list[float]]] = None
 
 
 def generation_config(*, pad_id: int, eos_id: int | None, max_new_tokens: int, temperature: float = 1.0,

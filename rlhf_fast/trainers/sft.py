@@ -13,17 +13,21 @@ from .base import BaseTrainer
 from .config import SFTConfig
 from .data import check_dataset, encode_completion, encode_prompt, pad_right, pad_token_id
 from .peft_support import apply_peft
+from .packed import MicroBatch
 
 
 class SFTTrainer(BaseTrainer):
     """``SFTTrainer(model=..., args=SFTConfig(...), train_dataset=[{"prompt", "completion"}, ...],
     processing_class=tokenizer, peft_config=None).train()``; with a ``peft.PeftConfig`` only the adapters train."""
 
+    kind = "sft"
+
     def __init__(self, model, args: SFTConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, peft_config=None):
         super().__init__(args or SFTConfig(), processing_class)
         model = apply_peft(model, peft_config, self.args.seed)
         self.model = model
+        self.packed = self.use_packing(model=model)  # before wrapping: the packed attention is set on the model
         self.train_model = self.train_module("model", model)  # DDP / FSDP2 under torchrun
         self.train_examples = self._encode_all(train_dataset, "train_dataset")
         self.eval_examples = self._encode_all(eval_dataset, "eval_dataset") if eval_dataset is not None else None
@@ -92,11 +96,14 @@ class SFTTrainer(BaseTrainer):
         return ids.to(self.device), attention.to(self.device), loss_mask[:, 1:].to(self.device)
 
     def compute_loss(self, examples, num_tokens: int | None = None) -> tuple[torch.Tensor, int]:
-        """Sum of completion-token NLL divided by ``num_tokens`` (default: this batch's count)."""
-        ids, attention, loss_mask = self._collate(examples)
+        """Sum of completion-token NLL divided by ``num_tokens`` (default: this batch's count); one packed row
+        or one padded batch (``padding_free``)."""
+        batch = MicroBatch([e[0] for e in examples], list(range(len(examples))), packed=self.packed,
+                           pad_id=self.pad_id, device=self.device)
+        loss_mask = batch.take(self._collate(examples)[2].float())  # label positions -> this batch's layout
         with self.autocast():
-            logits = self.train_model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-        logp = ops.selective_log_softmax(logits, ids[:, 1:])
+            logits = self.train_model(**batch.model_inputs()).logits
+        logp = ops.selective_log_softmax(logits, batch.labels)
         count = int(loss_mask.sum())
         return -(logp * loss_mask).sum() / max(1, num_tokens or count), count
 
