@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 from rlhf_fast import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer  # noqa: E402
 from rlhf_fast.demo import task  # noqa: E402
 from rlhf_fast.demo.model import load_tokenizer, tiny_llama_config  # noqa: E402
-from rlhf_fast.trainers.rollout import Generation  # noqa: E402
+from rlhf_fast.rollout.generation import Generation  # noqa: E402
 
 RANKS = 2
 STRATEGIES = ("ddp", "fsdp2")

@@ -13,7 +13,7 @@ from rlhf_fast.demo import task  # noqa: E402
 from rlhf_fast.demo.model import tiny_llama_config  # noqa: E402
 from rlhf_fast.trainers import advantages as A  # noqa: E402
 from rlhf_fast.trainers.dynamic_sampling import ScoredRollout, fill_batch  # noqa: E402
-from rlhf_fast.trainers.rollout import Generation  # noqa: E402
+from rlhf_fast.rollout.generation import Generation  # noqa: E402
 
 QUIET = dict(disable_tqdm=True, report_to=["jsonl"], plot=False, save_final=False)
 PROMPTS = [p for p, _ in task.all_prompts()[:16]]

@@ -155,7 +155,7 @@ def test_ppo_packed_equals_padded(tokenizer, tmp_path, case):
 
 
 def _same_rollouts(exp):
-    from rlhf_fast.trainers.rollout import Generation
+    from rlhf_fast.rollout.generation import Generation
 
     lens = exp["response_lens"].long().tolist()
     sequences = exp["sequences"]

@@ -89,7 +89,7 @@ def test_hf_engine_samples_like_generate(tokenizer):
     from rlhf_fast.demo.model import tiny_policy
     from rlhf_fast.rollout import make_engine
     from rlhf_fast.trainers.data import encode_prompt
-    from rlhf_fast.trainers.rollout import generate
+    from rlhf_fast.rollout.generation import generate
 
     torch.manual_seed(0)
     model = tiny_policy(tokenizer, hidden_size=32, layers=1)

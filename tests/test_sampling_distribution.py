@@ -10,7 +10,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 from rlhf_fast import PPOConfig, PPOTrainer, ops  # noqa: E402
 from rlhf_fast.demo import task  # noqa: E402
 from rlhf_fast.demo.model import tiny_llama_config  # noqa: E402
-from rlhf_fast.trainers.rollout import generate  # noqa: E402
+from rlhf_fast.rollout.generation import generate  # noqa: E402
 from rlhf_fast.trainers.sampling import kept_tokens, truncate_logits  # noqa: E402
 
 QUIET = dict(disable_tqdm=True, report_to=["jsonl"], plot=False, save_final=False)

@@ -371,7 +371,7 @@ def distributed_unwrap(module):
 def test_generate_ignores_the_model_generation_config(tokenizer):
     """Only the trainer's settings apply: a checkpoint's generation_config (repetition penalty, n-gram blocking,
     top_k, min_new_tokens, suppressed tokens) must not change the samples."""
-    from rlhf_fast.trainers.rollout import generate
+    from rlhf_fast.rollout.generation import generate
 
     model = tiny(tokenizer).eval()
     prompts = [[tokenizer.bos_token_id, 5, 6, 7]] * 8
@@ -393,7 +393,7 @@ def test_generate_ignores_the_model_generation_config(tokenizer):
 def test_generate_without_stop_token_never_stops_at_the_models_eos(tokenizer, tmp_path):
     """stop_token: null: the model's EOS is an ordinary token; every response has response_length sampled tokens
     and no padding is scored."""
-    from rlhf_fast.trainers.rollout import generate
+    from rlhf_fast.rollout.generation import generate
 
     model = tiny(tokenizer).eval()
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id

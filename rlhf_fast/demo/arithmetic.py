@@ -77,7 +77,7 @@ def build_tokenizer():
 def _accuracy(model, tokenizer, rows: list[dict], samples: int, seed: int) -> tuple[float, list[str]]:
     from ..rewards import answer_match
     from ..trainers.data import encode_prompt
-    from ..trainers.rollout import generate
+    from ..rollout.generation import generate
 
     prompts = [r["prompt"] for r in rows for _ in range(samples)]
     answers = [r["answer"] for r in rows for _ in range(samples)]

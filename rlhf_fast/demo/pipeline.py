@@ -46,7 +46,7 @@ def _quiet_transformers() -> None:
 
 def _sample(model, tokenizer, prompts: list[str], *, temperature: float, max_new_tokens: int) -> list[str]:
     from ..trainers.data import encode_prompt
-    from ..trainers.rollout import generate
+    from ..rollout.generation import generate
 
     gen = generate(model, [encode_prompt(tokenizer, p) for p in prompts], pad_id=tokenizer.pad_token_id,
                    eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens, temperature=temperature)

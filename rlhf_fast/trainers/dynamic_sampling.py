@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .advantages import informative_groups
-from .rollout import Generation
+from ..rollout.generation import Generation
 
 
 @dataclass

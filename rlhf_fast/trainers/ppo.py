@@ -34,7 +34,8 @@ from .dynamic_sampling import ScoredRollout, fill_batch
 from .rewards import RewardFunctions, dataset_columns
 from .sampling import truncate_logits, truncates
 from .packed import MicroBatch, per_token_in_micro_batches, token_logprobs
-from .rollout import Generation, plan_micro_batches, response_mask
+from .rollout import plan_micro_batches, response_mask
+from ..rollout.generation import Generation
 from ..rollout.engine import SamplingSettings
 
 # f(prompts=, completions=, completion_ids=, **dataset columns) -> one float or None per completion (rewards.py)
