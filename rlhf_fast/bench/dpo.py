@@ -9,9 +9,7 @@ gradients of ``hidden`` and ``weight``. Providers:
 - ``rlhf_fast ...``: ``ops.linear_logprobs`` (never builds the ``[N, V]`` logits) then ``ops.dpo_loss``.
 Shapes: the GPU preset (CUDA) ``P=4`` pairs of ``T=1024`` (``N=8192`` tokens), ``H=4096``, ``V=151936``, bf16; the CPU
 preset ``P=8``, ``T=256`` (``N=4096``, four of the CPU reference's 1024-token chunks), ``H=64``, ``V=8192``, fp32;
-quick mode tiny. Peak extra memory: CUDA's allocator peak;
-on CPU the rise of the process's peak resident set over the call (``/proc/self/clear_refs`` resets the peak), so
-the CPU numbers include allocator behaviour and are approximate.
+quick mode tiny. Peak extra memory as the harness measures it.
 """
 from __future__ import annotations
 
@@ -20,26 +18,6 @@ import torch
 from .. import ops, reference
 from .._dispatch import select_backend
 from .harness import Bench, optional
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    raise OSError(f"/proc/self/status has no {field}")
-
-
-def cpu_peak_extra_mib(fn) -> float | None:
-    """Peak resident memory ``fn`` adds on top of what the process holds (Linux; None elsewhere)."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")  # reset VmHWM to the current resident set
-        before = _status_mib("VmRSS")
-        fn()
-        return _status_mib("VmHWM") - before
-    except OSError:
-        return None
 
 
 def _load_liger_dpo(beta):
@@ -101,10 +79,5 @@ def run(bench: Bench) -> None:
         providers.append(("liger FusedLinearDPOLoss (no ref)", liger_step, False))
     providers.append((ours, ours_step, False))
     for name, fn, baseline in providers:
-        median = bench.measure(op, name, shape, dname, fn, flops=flops, baseline=baseline,
-                               rep=None if bench.on_cuda or bench.quick else 5)
-        if median is not None and not bench.on_cuda:
-            peak = cpu_peak_extra_mib(fn)
-            if peak is not None:
-                bench._add(op, name, shape, dname, "peak_extra_mib", peak)
-                print(f"  {'':28s} {name:24s} peak extra resident memory {peak:9.1f} MiB")
+        bench.measure(op, name, shape, dname, fn, flops=flops, baseline=baseline,
+                      rep=None if bench.on_cuda or bench.quick else 5)

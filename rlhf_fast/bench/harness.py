@@ -1,8 +1,8 @@
 """Benchmark harness shared by every op family.
 
 ``Bench.measure`` times one provider of one op (median of repeated runs: ``triton.testing.do_bench`` on CUDA, a
-wall-clock timer on CPU), records peak extra memory on CUDA and achieved bandwidth / throughput, and keeps the
-rows. ``Bench.write`` emits a CSV (op, provider, shape, dtype, metric, value, device, commit), a markdown table
+wall-clock timer on CPU), records peak extra memory (CUDA's allocator peak; on CPU the profiler's tensor allocations) and achieved
+bandwidth / throughput, and keeps the rows. ``Bench.write`` emits a CSV (op, provider, shape, dtype, metric, value, device, commit), a markdown table
 with speedups against each op's baseline, and one PNG bar chart per op.
 """
 from __future__ import annotations
@@ -47,6 +47,28 @@ def cpu_time_ms(fn: Callable[[], Any], *, warmup: int, rep: int) -> list[float]:
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def cpu_peak_extra_mib(fn: Callable[[], Any]) -> Optional[float]:
+    """Peak of the tensor memory one call of ``fn`` holds on the CPU beyond what existed before it (MiB).
+
+    Read from the profiler's allocation events (each allocation and free, with its size), so it is exact for
+    tensors and does not see the allocator's cached pages; memory outside PyTorch (numpy, Python) is not counted,
+    nor is the free of a tensor made before the call (so the number is an upper bound). None when this torch's profiler does not expose the events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    except AttributeError:
+        return None
+    held = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak / 2**20
 
 
 def optional(label: str, load: Callable[[], Any]) -> Any:
@@ -164,7 +186,7 @@ class Bench:
         else:
             reps = rep or (3 if self.quick else 10)
             times = cpu_time_ms(fn, warmup=1, rep=reps)
-            peak = None
+            peak = cpu_peak_extra_mib(fn)
         return times, peak
 
     def _add(self, op, provider, shape, dtype, metric, value):
