@@ -25,8 +25,11 @@ CSV_FIELDS = ("op", "provider", "shape", "dtype", "metric", "value", "device", "
 
 @functools.lru_cache(maxsize=None)
 def commit_hash() -> str:
+    """The commit of the package's checkout (not of the working directory), ``-dirty`` with local changes."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                             text=True, timeout=5, cwd=here)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

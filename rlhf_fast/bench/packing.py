@@ -111,7 +111,7 @@ def _run(bench) -> None:
                                [p.grad.detach().float().clone() for p in model.parameters()])
             for op, fn in (("packing_scoring", score), ("packing_update", update)):
                 ms = bench.measure(op, provider, shape, dtype_name, lambda f=fn, p=packed: f(p), baseline=not packed,
-                                   rep=2 if not bench.on_cuda else None)
+                                   rep=5 if not bench.on_cuda else None)
                 if ms:
                     bench._add(op, provider, shape, dtype_name, "tokens_per_s", tokens / (ms * 1e-3))
         logp, loss, grads = results[False]
