@@ -10,20 +10,26 @@ from typing import Optional
 import torch
 
 from ._precision import upcast
-
-from .logprobs import finite_or_zero
 from .losses import policy_loss_terms
 
 TOKEN_CHUNK = 1024
 
 
 def _chunk_logits(hidden, weight, bias, temperature):
+    """A fresh float32 (float64) ``[chunk, V]`` logits tensor, so callers may work on it in place."""
     z = upcast(hidden @ weight.t())
     if bias is not None:
-        z = z + upcast(bias)
-    return z / temperature if temperature != 1.0 else z
+        z += upcast(bias)
+    return z.div_(temperature) if temperature != 1.0 else z
 
 
+def _zero_neg_inf_(z: torch.Tensor) -> torch.Tensor:
+    """``finite_or_zero`` in place: -inf -> 0, so that ``p * z`` is 0 where ``p`` is 0."""
+    return z.masked_fill_(torch.isneginf(z), 0.0)
+
+
+# Each chunk works in place wherever the math allows, so at most two [chunk, V] float32 tensors are alive at
+# once (the logits and the probabilities / gradient): that bound is what the op's memory promise rests on.
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, chunk):
@@ -35,10 +41,11 @@ class _LinearLogprobs(torch.autograd.Function):
         for s in range(0, n, chunk):
             z = _chunk_logits(hidden[s : s + chunk], weight, bias, temperature)
             chunk_lse = torch.logsumexp(z, dim=-1)
-            p = torch.exp(z - chunk_lse.unsqueeze(-1))
+            p = (z - chunk_lse.unsqueeze(-1)).exp_()
             lse[s : s + chunk] = chunk_lse
             logp[s : s + chunk] = z.gather(-1, labels[s : s + chunk].long().unsqueeze(-1)).squeeze(-1) - chunk_lse
-            entropy[s : s + chunk] = chunk_lse - (p * finite_or_zero(z)).sum(-1)
+            entropy[s : s + chunk] = chunk_lse - p.mul_(_zero_neg_inf_(z)).sum(-1)
+            del z, p
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.set_materialize_grads(False)  # an unused output gets None, not zeros (see the entropy term below)
@@ -57,23 +64,26 @@ class _LinearLogprobs(torch.autograd.Function):
         g_h = grad_entropy if grad_entropy is not None else torch.zeros_like(lse)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s : s + chunk]
-            z = _chunk_logits(h, weight, bias, temperature)
-            log_p = z - lse[s : s + chunk].unsqueeze(-1)
-            p = torch.exp(log_p)
+            log_p = _chunk_logits(h, weight, bias, temperature).sub_(lse[s : s + chunk].unsqueeze(-1))
+            gz = torch.exp(log_p)  # p, then the gradient in place
             # d logp_y / dz = onehot(y) - p ;  dH / dz = -p * (log p + H)
-            coef = g_lp[s : s + chunk].unsqueeze(-1)
-            if grad_entropy is not None:  # else no entropy term: 0 * a nan entropy (a +inf logit) would be nan
-                coef = coef + g_h[s : s + chunk].unsqueeze(-1) * (finite_or_zero(log_p)
-                                                                  + entropy[s : s + chunk].unsqueeze(-1))
-            gz = -p * coef
+            if grad_entropy is None:  # no entropy term: 0 * a nan entropy (a +inf logit) would be nan
+                gz.mul_(-g_lp[s : s + chunk].unsqueeze(-1))
+            else:  # coef = g_lp + g_h * (log p + H), built in log_p's storage
+                _zero_neg_inf_(log_p).add_(entropy[s : s + chunk].unsqueeze(-1))
+                log_p.mul_(g_h[s : s + chunk].unsqueeze(-1)).add_(g_lp[s : s + chunk].unsqueeze(-1))
+                gz.mul_(log_p).neg_()
+            del log_p
             gz.scatter_add_(-1, labels[s : s + chunk].long().unsqueeze(-1), g_lp[s : s + chunk].unsqueeze(-1))
-            gz = gz / temperature
+            if temperature != 1.0:
+                gz.div_(temperature)
             if grad_hidden is not None:
                 grad_hidden[s : s + chunk] = (gz @ upcast(weight)).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += gz.t() @ upcast(h)
             if grad_bias is not None:
                 grad_bias += gz.sum(0)
+            del gz
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
