@@ -12,7 +12,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-from rlhf_fast import PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer, ops  # noqa: E402
+from rlhf_fast import (DPOConfig, DPOTrainer, PPOConfig, PPOTrainer, RewardConfig, RewardTrainer, SFTConfig,  # noqa: E402
+                       SFTTrainer, ops)
 from rlhf_fast.demo import task  # noqa: E402
 from rlhf_fast.demo.model import tiny_llama_config  # noqa: E402
 from rlhf_fast.reference.losses import AGG_MODES  # noqa: E402
@@ -61,6 +62,43 @@ def test_sft_packed_equals_padded_and_each_example_alone(tokenizer, tmp_path):
         nll -= float(logp[prompt_len - 1:].sum())
         tokens += len(ids) - prompt_len
     assert float(ploss) == pytest.approx(nll / tokens, rel=1e-5)
+
+
+@pytest.mark.parametrize("from_hidden", [True, False], ids=["from_hidden", "logits"])
+def test_dpo_packed_equals_padded_and_each_pair_alone(tokenizer, tmp_path, from_hidden):
+    answers = ["the room was great .", "the pool was fine and the staff was rude .", "the soup was bad ."]
+    data = [{"prompt": PROMPTS[i], "chosen": answers[i % 3], "rejected": answers[(i + 1) % 3]} for i in range(6)]
+    model, ref = tiny(tokenizer), tiny(tokenizer, seed=1)  # a different reference: the loss is not log 2
+    beta = 0.5
+    results = {}
+    for padding_free in (False, True):
+        args = DPOConfig(output_dir=str(tmp_path), max_steps=1, padding_free=padding_free, beta=beta,
+                         logprobs_from_hidden=from_hidden, **QUIET)
+        trainer = DPOTrainer(copy.deepcopy(model), copy.deepcopy(ref), args=args, train_dataset=data,
+                             processing_class=tokenizer)
+        assert trainer.packed is padding_free
+        loss, stats, tokens = trainer.compute_loss(trainer.train_pairs, float(len(data)))
+        loss.backward()
+        results[padding_free] = (loss.detach(), stats, tokens, _grads(list(trainer.model.parameters())))
+    (loss, stats, tokens, grads), (ploss, pstats, ptokens, pgrads) = results[False], results[True]
+    assert int(tokens) == int(ptokens)
+    torch.testing.assert_close(ploss, loss, **TIGHT)
+    for key in stats:
+        torch.testing.assert_close(pstats[key], stats[key], **TIGHT)
+    for g, pg in zip(grads, pgrads):
+        torch.testing.assert_close(pg, g, **TIGHT)
+
+    def completion_logp(net, ids, prompt_len):  # one sequence alone, no padding
+        with torch.no_grad():
+            logits = net(input_ids=torch.tensor([ids])).logits[0, :-1]
+        return float(ops.selective_log_softmax(logits, torch.tensor(ids[1:]))[prompt_len - 1:].sum())
+
+    expected = 0.0
+    for prompt_len, chosen, rejected in trainer.train_pairs:
+        margin = (completion_logp(model, chosen, prompt_len) - completion_logp(ref, chosen, prompt_len)
+                  - completion_logp(model, rejected, prompt_len) + completion_logp(ref, rejected, prompt_len))
+        expected -= float(torch.nn.functional.logsigmoid(torch.tensor(beta * margin)))
+    assert float(ploss) == pytest.approx(expected / len(data), rel=1e-5)
 
 
 def test_reward_packed_equals_padded_and_the_models_own_score(tokenizer, tmp_path):

@@ -9,7 +9,6 @@ computed once before training (``precompute_ref_log_probs``), or nothing (``refe
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -20,10 +19,10 @@ import torch
 from .. import batching, ops
 from .base import BaseTrainer
 from .config import DPOConfig
-from .data import check_dataset, pad_right, pad_token_id
+from .data import check_dataset, pad_token_id
+from .packed import MicroBatch, token_logprobs
 from .peft_support import adapter_disabled, apply_peft, parameter_counts, peak_memory_mb, peft_model_in
 from .reward import encode_pair
-from .rollout import token_logprobs
 
 STAT_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 
@@ -64,6 +63,7 @@ class DPOTrainer(BaseTrainer):
                 if module is not None:
                     disable_dropout(module)
         self.model = model
+        self.packed = self.use_packing(model=model, ref_model=ref_model)  # before wrapping: sets packed attention
         self.policy_train = self.train_module("model", model, self._runner(model))
         self.ref_runner = None
         if ref_model is not None:
@@ -129,27 +129,31 @@ class DPOTrainer(BaseTrainer):
         plan = batching.plan_micro_batches(lengths, budget, num_ranks=self.dist.world_size)
         return [list(mb) for mb in plan[self.dist.rank]]
 
-    def _collate(self, pairs):
-        """Chosen rows then rejected rows, right-padded, and the completion masks of the labels ``ids[:, 1:]``."""
+    def _collate(self, pairs) -> tuple[MicroBatch, torch.Tensor]:
+        """One forward pass over the chosen rows then the rejected rows (packed or padded), and the completion
+        masks ``[2n, W]`` of their label positions (position ``t`` predicts token ``t + 1``)."""
         sequences = [p[1] for p in pairs] + [p[2] for p in pairs]
-        ids, attention = pad_right(sequences, self.pad_id)
-        mask = attention[:, 1:].clone()
-        for row, pair in enumerate(pairs + pairs):
-            mask[row, : max(0, pair[0] - 1)] = 0  # label t + 1 is a prompt token for t + 1 < prompt_len
-        return ids.to(self.device), attention.to(self.device), mask.to(self.device)
+        batch = MicroBatch(sequences, list(range(len(sequences))), packed=self.packed, pad_id=self.pad_id,
+                           device=self.device)
+        mask = torch.zeros(len(sequences), max(len(s) for s in sequences) - 1, dtype=torch.long)
+        for row, (pair, sequence) in enumerate(zip(pairs + pairs, sequences)):
+            mask[row, max(0, pair[0] - 1): len(sequence) - 1] = 1  # labels from the first completion token on
+        return batch, mask.to(self.device)
 
     # ---- log-probs ------------------------------------------------------------------------------------------
-    def _logprobs(self, runner, ids, attention):
-        return token_logprobs(runner, ids, attention, temperature=1.0, from_hidden=self.args.logprobs_from_hidden)
+    def _logprobs(self, runner, batch: MicroBatch, width: int) -> torch.Tensor:
+        """``[2n, width]`` per-label log-probs of the pass's rows under ``runner``."""
+        per_position = token_logprobs(runner, batch, temperature=1.0, from_hidden=self.args.logprobs_from_hidden)
+        return batch.to_rows(per_position, width)
 
     @torch.no_grad()
-    def _reference_logprobs(self, ids, attention):
+    def _reference_logprobs(self, batch: MicroBatch, width: int):
         """The reference's per-token log-probs: the frozen copy, or the policy with its adapters off."""
         if self.uses_adapter_reference:
             with adapter_disabled(self.policy_train), self.autocast():
-                return self._logprobs(self.policy_train, ids, attention).float()
+                return self._logprobs(self.policy_train, batch, width).float()
         with self.autocast():
-            return self._logprobs(self.ref_runner, ids, attention).float()
+            return self._logprobs(self.ref_runner, batch, width).float()
 
     def _precompute_reference(self, pairs) -> torch.Tensor:
         """``[len(pairs), 2]`` summed reference log-probs of the completions, computed once, on all ranks together."""
@@ -158,8 +162,8 @@ class DPOTrainer(BaseTrainer):
         self.policy_train.eval()
         for micro in self._passes(pairs):
             batch = [pairs[i] for i in micro] if micro else pairs[:1]  # an empty pass still runs (FSDP2)
-            ids, attention, mask = self._collate(batch)
-            per_pair = (self._reference_logprobs(ids, attention) * mask).sum(-1).view(2, -1).T
+            micro_batch, mask = self._collate(batch)
+            per_pair = (self._reference_logprobs(micro_batch, mask.shape[1]) * mask).sum(-1).view(2, -1).T
             if micro:
                 sums[torch.tensor(micro, device=self.device)] = per_pair
         self.policy_train.train(was_training)
@@ -169,17 +173,17 @@ class DPOTrainer(BaseTrainer):
     def compute_loss(self, pairs, num_pairs: float, ref_sums=None):
         """DPO loss of ``pairs`` (one forward pass of the policy, and of the reference unless ``ref_sums``)
         divided by ``num_pairs``; ``stats`` are device tensors divided the same way."""
-        ids, attention, mask = self._collate(pairs)
-        n = len(pairs)
+        batch, mask = self._collate(pairs)
+        n, width = len(pairs), mask.shape[1]
         ref_c = ref_r = None
         if self.args.uses_reference:
             if ref_sums is not None:
                 ref_c, ref_r = ref_sums[:, 0], ref_sums[:, 1]
             else:
-                ref = self._reference_logprobs(ids, attention)
+                ref = self._reference_logprobs(batch, width)
                 ref_c, ref_r = ref[:n], ref[n:]
         with self.autocast():
-            logp = self._logprobs(self.policy_train, ids, attention)
+            logp = self._logprobs(self.policy_train, batch, width)
         a = self.args
         loss, stats = ops.dpo_loss(logp[:n], logp[n:], mask[:n], mask[n:], ref_chosen_logp=ref_c,
                                    ref_rejected_logp=ref_r, beta=a.beta, loss_type=a.loss_type,
